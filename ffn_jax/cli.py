@@ -1,0 +1,75 @@
+"""Shared command-line plumbing for train.py / infer.py: config files, overrides, clean errors.
+
+``--config path.py`` loads ``get_config()`` (an ml_collections ConfigDict, locked against typos),
+``--config.key=value`` overrides fields, ``--workdir DIR`` is where outputs go. Bad input becomes
+one line on stderr and exit code 2; ``FFN_JAX_TRACEBACK=1`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from ffn_jax.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse(argv: list[str], default_config: str, prog: str):
+  """Parses ``--config``, its overrides and ``--workdir``; returns (config, workdir).
+
+  Raises:
+    UserError: unknown flag or config key, wrong value type, missing config file or workdir.
+  """
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file(
+      "config", default=default_config, help_string="Python config file with get_config().",
+      lock_config=True, flag_values=fv)
+  flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics, results).",
+                      flag_values=fv)
+  if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+    print(f"usage: {prog} [--config configs/NAME.py] --workdir DIR [--config.KEY=VALUE ...]")
+    print(fv.main_module_help() if hasattr(fv, "main_module_help") else "")
+    sys.exit(0)
+  try:
+    fv(argv)
+  except flags.Error as e:
+    raise UserError(_flag_error(e)) from None
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    raise UserError(f"bad config override: {_one_line(e)}") from None
+  if not fv.workdir:
+    raise UserError("--workdir is required")
+  try:
+    config = fv.config
+  except Exception as e:  # noqa: BLE001 - config files are user code; report their failure
+    raise UserError(f"cannot load config: {_one_line(e)}") from None
+  return config, fv.workdir
+
+
+def _one_line(e: BaseException) -> str:
+  text = " ".join(str(e).split())
+  return text[:500] if text else type(e).__name__
+
+
+def _flag_error(e: flags.Error) -> str:
+  text = _one_line(e)
+  if "Could not find" in text or "Unknown" in text or "not found" in text.lower():
+    return f"unknown flag or config key: {text}"
+  return f"bad flag value: {text}"
+
+
+@contextlib.contextmanager
+def clean_errors():
+  """Turns UserError (and a few obvious user mistakes) into one line + exit 2."""
+  try:
+    yield
+  except UserError as e:
+    if os.environ.get("FFN_JAX_TRACEBACK"):
+      raise
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)

@@ -1,0 +1,154 @@
+"""Volumes read lazily by box through tensorstore or h5py; always zyx.
+
+A volume spec is one of:
+- a tensorstore JSON spec (dict, or a string starting with ``{``);
+- a path to a ``.zarr`` (v2 or v3, detected), ``.n5`` or neuroglancer precomputed folder;
+- ``path.h5:dataset`` (also ``.hdf5``, ``.hdf``);
+- a numpy array (tests, synthetic data).
+Multi-channel arrays are not supported: volumes are 3-D [z, y, x].
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from ffn_jax.errors import UserError
+
+_H5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+
+
+class Volume:
+  """A 3-D array read by box. ``read(start_zyx, size_zyx)`` returns a numpy array."""
+
+  def __init__(self, shape, dtype, reader, name: str):
+    self.shape = tuple(int(s) for s in shape)
+    self.dtype = np.dtype(dtype)
+    self._reader = reader
+    self.name = name
+
+  def read(self, start_zyx=(0, 0, 0), size_zyx=None) -> np.ndarray:
+    start = np.asarray(start_zyx, int)
+    size = np.asarray(self.shape if size_zyx is None else size_zyx, int)
+    stop = start + size
+    if np.any(start < 0) or np.any(stop > self.shape):
+      raise UserError(f"box start {tuple(start)} size {tuple(size)} (zyx) lies outside volume "
+                      f"{self.name} of shape {self.shape}")
+    return np.asarray(self._reader(tuple(slice(a, b) for a, b in zip(start, stop))))
+
+  def to_numpy(self) -> np.ndarray:
+    return self.read()
+
+
+def _abs_kvstore(spec: dict) -> dict:
+  """tensorstore refuses relative file paths containing '..': absolutize them."""
+  spec = json.loads(json.dumps(spec))
+  kv = spec.get("kvstore")
+  if isinstance(kv, dict) and kv.get("driver") == "file" and "path" in kv:
+    kv["path"] = os.path.abspath(kv["path"])
+  elif isinstance(kv, str) and kv.startswith("file://"):
+    spec["kvstore"] = "file://" + os.path.abspath(kv[len("file://"):])
+  return spec
+
+
+def _spec_for_path(path: str) -> dict:
+  path = os.path.abspath(path)
+  if not os.path.exists(path):
+    raise UserError(f"volume not found: {path}")
+  if os.path.exists(os.path.join(path, "zarr.json")):
+    driver = "zarr3"
+  elif os.path.exists(os.path.join(path, ".zarray")):
+    driver = "zarr"
+  elif os.path.exists(os.path.join(path, "attributes.json")):
+    driver = "n5"
+  elif os.path.exists(os.path.join(path, "info")):
+    driver = "neuroglancer_precomputed"
+  else:
+    raise UserError(f"cannot tell the format of {path}: expected a zarr, zarr3, n5 or "
+                    "neuroglancer_precomputed folder, a 'file.h5:dataset', or a tensorstore spec")
+  return {"driver": driver, "kvstore": {"driver": "file", "path": path}}
+
+
+def _open_h5(path: str, dataset: str) -> Volume:
+  import h5py  # local: only needed for HDF5 volumes
+  path = os.path.abspath(path)
+  if not os.path.exists(path):
+    raise UserError(f"volume not found: {path}")
+  try:
+    f = h5py.File(path, "r")
+  except OSError as e:
+    raise UserError(f"cannot open HDF5 file {path}: {e}") from None
+  if dataset not in f:
+    raise UserError(f"dataset {dataset!r} not found in {path} (has: {sorted(f.keys())})")
+  ds = f[dataset]
+  if ds.ndim != 3:
+    raise UserError(f"{path}:{dataset} has {ds.ndim} dimensions; volumes must be 3-D zyx")
+  return Volume(ds.shape, ds.dtype, lambda sl: ds[sl], f"{path}:{dataset}")
+
+
+def open_volume(spec: Any) -> Volume:
+  """Opens a volume for reading; see the module docstring for accepted specs.
+
+  Raises:
+    UserError: the path does not exist, the format is unknown, or the array is not 3-D.
+  """
+  if isinstance(spec, Volume):
+    return spec
+  if isinstance(spec, np.ndarray):
+    if spec.ndim != 3:
+      raise UserError(f"volume array has {spec.ndim} dimensions; volumes must be 3-D zyx")
+    return Volume(spec.shape, spec.dtype, lambda sl: spec[sl], "<array>")
+  if hasattr(spec, "to_dict"):  # ml_collections ConfigDict
+    spec = spec.to_dict()
+  if isinstance(spec, str):
+    text = spec.strip()
+    if not text:
+      raise UserError("empty volume spec")
+    if text.startswith("{"):
+      try:
+        spec = json.loads(text)
+      except json.JSONDecodeError as e:
+        raise UserError(f"volume spec is not valid JSON: {e}") from None
+    else:
+      lower = text.lower()
+      for suffix in _H5_SUFFIXES:
+        marker = suffix + ":"
+        if marker in lower:
+          cut = lower.index(marker) + len(suffix)
+          return _open_h5(text[:cut], text[cut + 1:])
+        if lower.endswith(suffix):
+          raise UserError(f"HDF5 volume {text!r} needs a dataset: use 'file{suffix}:dataset'")
+      spec = _spec_for_path(text)
+  if not isinstance(spec, dict):
+    raise UserError(f"unsupported volume spec of type {type(spec).__name__}")
+  import tensorstore as ts  # local: heavy import
+  spec = _abs_kvstore(spec)
+  kv = spec.get("kvstore")
+  if isinstance(kv, dict) and kv.get("driver") == "file" and not os.path.exists(kv["path"]):
+    raise UserError(f"volume not found: {kv['path']}")
+  try:
+    store = ts.open(spec, read=True).result()
+  except Exception as e:  # noqa: BLE001 - tensorstore raises ValueError/other for bad specs
+    raise UserError(f"cannot open volume {json.dumps(spec)}: {' '.join(str(e).split())[:300]}") \
+        from None
+  if store.ndim != 3:
+    raise UserError(f"volume {json.dumps(spec)} has {store.ndim} dimensions; volumes must be 3-D")
+  name = spec.get("kvstore", {}).get("path", json.dumps(spec)) if isinstance(
+      spec.get("kvstore"), dict) else json.dumps(spec)
+  return Volume(store.shape, store.dtype.numpy_dtype,
+                lambda sl: store[sl].read().result(), name)
+
+
+def write_zarr(path: str, array: np.ndarray, chunks=(64, 64, 64)) -> None:
+  """Writes a zyx array as zarr v2 (blosc/zstd) with tensorstore, replacing ``path``."""
+  import tensorstore as ts
+  path = os.path.abspath(path)
+  chunks = [min(c, s) for c, s in zip(chunks, array.shape)]
+  store = ts.open({
+      "driver": "zarr", "kvstore": {"driver": "file", "path": path},
+      "metadata": {"shape": list(array.shape), "chunks": chunks, "dtype": array.dtype.str,
+                   "compressor": {"id": "blosc", "cname": "zstd", "clevel": 3, "shuffle": 2}},
+  }, create=True, delete_existing=True).result()
+  store.write(array).result()

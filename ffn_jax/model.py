@@ -1,0 +1,72 @@
+"""The FFN residual 3-D conv stack (Google's ``ConvStack3DFFNModel``) as a pure Flax module.
+
+Parameter names follow Google's TensorFlow checkpoint (``seed_update/conv{i}_{a,b}``,
+``seed_update/conv_lom``) with ``weights -> kernel`` and ``biases -> bias``, so the pretrained
+FIB-25 model imports by renaming alone.
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ffn_jax import conv as conv_lib
+
+
+def logit(p: float) -> float:
+  """Probability -> logit, as FFN thresholds are given as probabilities."""
+  return math.log(p / (1.0 - p))
+
+
+class Conv3D(nn.Module):
+  """SAME 3-D convolution with bias whose compute route is selectable (see ``ffn_jax.conv``)."""
+  features: int
+  kernel_size: tuple[int, int, int] = (3, 3, 3)
+  impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x_BZYXC):
+    cin = x_BZYXC.shape[-1]
+    kernel = self.param("kernel", nn.initializers.truncated_normal(stddev=0.01),
+                        (*self.kernel_size, cin, self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    return conv_lib.conv3d(x_BZYXC, kernel, bias, impl=self.impl)
+
+
+class FFN(nn.Module):
+  """Residual conv stack; returns updated seed logits (seed + predicted update).
+
+  Attributes:
+    depth: number of residual modules + 1 (Google's ``depth``; 12 for FIB-25).
+    features: feature maps per conv (32).
+    conv_impl: conv route, see ``ffn_jax.conv.available_routes()``.
+  """
+  depth: int = 12
+  features: int = 32
+  conv_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, image_BZYX1, seed_BZYX1):
+    conv = lambda name, k=(3, 3, 3), f=self.features: Conv3D(f, k, self.conv_impl, name=name)
+    x = jnp.concatenate([image_BZYX1, seed_BZYX1], axis=-1)
+    x = nn.relu(conv("conv0_a")(x))
+    x = conv("conv0_b")(x)
+    for i in range(1, self.depth):
+      h = nn.relu(x)
+      h = nn.relu(conv(f"conv{i}_a")(h))
+      h = conv(f"conv{i}_b")(h)
+      x = x + h
+    update_BZYX1 = conv("conv_lom", (1, 1, 1), 1)(nn.relu(x))
+    return seed_BZYX1 + update_BZYX1
+
+
+def init_params(model: FFN, rng, fov_size_zyx) -> dict:
+  """Initial parameters for a batch-1 input of the given FOV size."""
+  shape = (1, *fov_size_zyx, 1)
+  return model.init(rng, jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))["params"]
+
+
+def count_params(params) -> int:
+  return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
