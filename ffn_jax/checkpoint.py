@@ -48,6 +48,9 @@ def restore_latest(manager, abstract_state: Any, log=print):
   Raises:
     CheckpointError: a checkpoint loaded but does not match ``abstract_state`` (different model).
   """
+  abstract_state = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+      if not isinstance(x, jax.ShapeDtypeStruct) else x, abstract_state)
   steps = sorted(manager.all_steps(), reverse=True)
   for step in steps:
     try:

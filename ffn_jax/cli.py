@@ -26,6 +26,8 @@ def parse(argv: list[str], default_config: str, prog: str):
   Raises:
     UserError: unknown flag or config key, wrong value type, missing config file or workdir.
   """
+  if REPO_ROOT not in sys.path:  # config files import each other as ``configs.NAME``
+    sys.path.insert(0, REPO_ROOT)
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file(
       "config", default=default_config, help_string="Python config file with get_config().",

@@ -1,0 +1,38 @@
+"""Paper-scale FFN on FIB-25 (Google's FIB-25 model: depth 12, FOV 33^3, deltas 8^3).
+
+Trains on the z < 100 slab of fib25_training_sample2 (../shared/data/README.md reserves
+z >= 125 for evaluation). Override ``data.image``/``data.labels`` to train on other volumes.
+"""
+import os
+
+from configs import synthetic
+
+_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+
+
+def get_config():
+  c = synthetic.get_config()
+  c.model.depth = 12
+  c.model.features = 32
+  c.model.fov_size_zyx = (33, 33, 33)
+  c.model.deltas_zyx = (8, 8, 8)
+
+  c.data.image = os.environ.get(
+      "FFN_FIB25_IMAGE", os.path.join(_DATA, "fib25_training_sample2", "image.zarr"))
+  c.data.labels = os.environ.get(
+      "FFN_FIB25_LABELS", os.path.join(_DATA, "fib25_training_sample2", "labels.zarr"))
+  c.data.box_start_zyx = (0, 0, 0)
+  c.data.box_size_zyx = (100, 250, 250)  # z < 100: the training slab
+  c.data.image_mean = 128.0
+  c.data.image_stddev = 33.0
+  c.data.lom_radius_zyx = (16, 16, 16)
+  c.data.min_size = 1000
+
+  c.batch_size = 4
+  c.optim.name = "sgd"  # Google's FFN default optimizer
+  c.optim.learning_rate = 1e-3
+  c.optim.reference_batch = 4
+  c.max_steps = 100000
+  c.log_every = 20
+  c.checkpoint_every = 500
+  return c

@@ -1,0 +1,69 @@
+"""Tiny FFN on a generated synthetic EM volume: runs anywhere in well under a minute.
+
+All zyx. Every field here exists in every config; fib25.py overrides the paper-scale ones.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.depth = 3
+  c.model.features = 16
+  c.model.fov_size_zyx = (17, 17, 17)
+  c.model.deltas_zyx = (4, 4, 4)
+  c.model.conv_impl = "auto"  # see ffn_jax.conv.available_routes()
+
+  c.data = ml_collections.ConfigDict()
+  c.data.image = ""   # volume spec (zarr/n5/precomputed path, 'file.h5:ds', tensorstore JSON);
+  c.data.labels = ""  # '' for both = generate a synthetic volume
+  c.data.synthetic_shape_zyx = (48, 80, 80)
+  c.data.synthetic_objects = 16
+  c.data.synthetic_seed = 0
+  c.data.box_start_zyx = (0, 0, 0)  # training region inside the volumes (zyx)
+  c.data.box_size_zyx = ()          # () = whole volume
+  c.data.image_mean = 155.0
+  c.data.image_stddev = 34.0
+  c.data.lom_radius_zyx = (6, 6, 6)
+  c.data.thresholds = (0.025, 0.05, 0.075, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+  c.data.min_size = 100
+  c.data.fov_moves = 1
+  c.data.move_threshold = 0.9
+  c.data.augment = True
+
+  c.batch_size = 4  # per local device; global batch = batch_size x local devices x ranks
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adam"  # sgd, momentum, nesterov, adam, adamw, lamb, lars
+  c.optim.learning_rate = 1e-3  # at reference_batch global examples
+  c.optim.reference_batch = 4
+  c.optim.lr_scaling = "none"  # none, linear, sqrt
+  c.optim.schedule = "constant"  # constant, cosine, exponential, step
+  c.optim.warmup_steps = 0
+  c.optim.warmup_init_fraction = 0.0
+  c.optim.decay_steps = 1000
+  c.optim.decay_rate = 0.5
+  c.optim.step_boundaries = (1000000,)
+  c.optim.final_lr_fraction = 0.0
+  c.optim.momentum = 0.9
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.0
+  c.optim.clip_value = 0.7  # Google FFN's element-wise gradient clipping; 0 disables
+  c.optim.clip_global_norm = 0.0
+
+  c.max_steps = 200
+  c.log_every = 10
+  c.checkpoint_every = 50
+  c.keep_checkpoints = 3
+  c.sync_check_every = 50  # compare parameter fingerprints across ranks; 0 disables
+  c.preemption_grace_s = 60.0  # after SIGTERM: save and exit within this time
+
+  c.debug = ml_collections.ConfigDict()
+  c.debug.perturb_rank = -1  # tests only: this rank perturbs its params ...
+  c.debug.perturb_at_step = -1  # ... at this step (to prove the divergence check works)
+  c.debug.nan_at_step = -1  # tests only: poison the loss at this step
+  return c

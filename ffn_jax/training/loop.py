@@ -1,0 +1,299 @@
+"""``train_and_evaluate(config, workdir)``: the training loop and all its side effects.
+
+Resume order: the latest readable checkpoint in ``WORKDIR/checkpoints`` -> fresh init (rank 0's
+parameters broadcast to all ranks). Metrics go to ``WORKDIR/metrics.jsonl`` (rank 0 only); the
+last line is a final record with the parameter fingerprint of every rank.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import jax
+import numpy as np
+
+from ffn_jax import checkpoint as ckpt_lib
+from ffn_jax import losses, optim, parallel
+from ffn_jax.data import partitions, synthetic
+from ffn_jax.data.examples import RecurrentExamples
+from ffn_jax.data.volumes import open_volume
+from ffn_jax.errors import UserError
+from ffn_jax.model import FFN, init_params
+from ffn_jax.training.state import TrainState, params_fingerprint
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: SIGTERM received, checkpoint saved, rerun to continue
+
+
+class TrainingDiverged(Exception):
+  """Loss became NaN/inf, or ranks no longer hold identical parameters."""
+
+
+class Preempted(Exception):
+  """SIGTERM arrived; a checkpoint was saved."""
+
+
+def build_model(config) -> FFN:
+  return FFN(depth=config.model.depth, features=config.model.features,
+             conv_impl=config.model.conv_impl)
+
+
+def model_meta(config) -> dict:
+  return {"model": {"depth": config.model.depth, "features": config.model.features,
+                    "fov_size_zyx": list(config.model.fov_size_zyx),
+                    "deltas_zyx": list(config.model.deltas_zyx)},
+          "image_mean": config.data.image_mean, "image_stddev": config.data.image_stddev}
+
+
+# -- data ----------------------------------------------------------------------------------------
+def load_training_volumes(config):
+  """(float32 normalized image, labels) of the training region, validated."""
+  d = config.data
+  if not d.image and not d.labels:
+    image, labels = synthetic.make_volume(d.synthetic_shape_zyx, d.synthetic_objects,
+                                          d.synthetic_seed)
+  elif not d.image or not d.labels:
+    raise UserError("set both data.image and data.labels (or neither, for synthetic data)")
+  else:
+    image_vol, label_vol = open_volume(d.image), open_volume(d.labels)
+    if image_vol.shape != label_vol.shape:
+      raise UserError(f"image {image_vol.name} has shape {image_vol.shape} but labels "
+                      f"{label_vol.name} have shape {label_vol.shape} (zyx)")
+    if label_vol.dtype.kind not in "iu":
+      raise UserError(f"labels {label_vol.name} have dtype {label_vol.dtype}; "
+                      "labels must be integer object IDs")
+    shape = np.asarray(image_vol.shape)
+    start = np.asarray(d.box_start_zyx, int)
+    size = np.asarray(d.box_size_zyx, int) if len(d.box_size_zyx) else shape - start
+    size = np.minimum(size, shape - start)
+    image = image_vol.read(start, size)
+    labels = label_vol.read(start, size)
+  if labels.dtype.kind not in "iu":
+    raise UserError(f"labels have dtype {labels.dtype}; labels must be integer object IDs")
+  block = (np.asarray(config.model.fov_size_zyx)
+           + 2 * np.asarray(config.model.deltas_zyx) * d.fov_moves)
+  if np.any(np.asarray(labels.shape) < block):
+    raise UserError(f"training volume of shape {labels.shape} is smaller than one training "
+                    f"example (FOV + 2 x deltas x fov_moves = {tuple(block)}, zyx)")
+  image = (image.astype(np.float32) - d.image_mean) / d.image_stddev
+  return image, labels, block
+
+
+def build_examples(config, dist: parallel.Dist, workdir: str, log) -> RecurrentExamples:
+  image, labels, block = load_training_volumes(config)
+  d = config.data
+  margin = tuple(int(b) // 2 for b in block)
+  cache = os.path.join(workdir, "cache") if dist.is_primary else None
+  if dist.is_primary:
+    coords = partitions.cached_coordinates(
+        labels, d.thresholds, d.lom_radius_zyx, d.min_size, margin, cache, log)
+  dist.barrier()
+  if not dist.is_primary:
+    coords = partitions.cached_coordinates(
+        labels, d.thresholds, d.lom_radius_zyx, d.min_size, margin,
+        os.path.join(workdir, "cache"), log)
+  sampler = partitions.BalancedSampler(coords, config.seed, dist.rank, dist.size)
+  return RecurrentExamples(
+      image, labels, sampler, config.batch_size * dist.local_devices,
+      config.model.fov_size_zyx, config.model.deltas_zyx, d.fov_moves, d.move_threshold,
+      d.augment, config.seed, dist.rank)
+
+
+# -- state ---------------------------------------------------------------------------------------
+def init_state(config, model, tx, dist) -> TrainState:
+  rng = jax.random.PRNGKey(config.seed)
+  params = init_params(model, rng, config.model.fov_size_zyx)
+  params = dist.broadcast_tree(params)
+  return TrainState(step=np.int32(0), params=params, opt_state=tx.init(params),
+                    rng=np.asarray(jax.random.key_data(rng)) if hasattr(jax.random, "key_data")
+                    else np.asarray(rng))
+
+
+def _checkpoint_tree(state: TrainState, data_states: list[dict]) -> dict:
+  return {"train": state, "data": {k: np.stack([s[k] for s in data_states])
+                                   for k in data_states[0]}}
+
+
+# -- loop ----------------------------------------------------------------------------------------
+class _Signals:
+  def __init__(self):
+    self.sigterm_at = None
+    signal.signal(signal.SIGTERM, self._on_term)
+
+  def _on_term(self, signum, frame):  # noqa: ARG002
+    self.sigterm_at = time.time()
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains to ``config.max_steps``, resuming from ``workdir``. Returns the final record."""
+  dist = parallel.init()
+  workdir = os.path.abspath(workdir)
+  log = (lambda *a: print(*a, flush=True)) if dist.is_primary else (lambda *a: None)
+  if dist.is_primary:
+    try:
+      os.makedirs(workdir, exist_ok=True)
+      probe = os.path.join(workdir, f".write_test_{os.getpid()}")
+      with open(probe, "w"):
+        pass
+      os.remove(probe)
+    except OSError as e:
+      raise UserError(f"cannot write to workdir {workdir}: {e.strerror}") from None
+  dist.barrier()
+
+  model = build_model(config)
+  global_batch = config.batch_size * dist.local_devices * dist.size
+  tx, schedule = optim.make_optimizer(config.optim, global_batch)
+  examples = build_examples(config, dist, workdir, log)
+  step_fn = parallel.DistributedStep(dist, model, tx)
+
+  manager = ckpt_lib.make_manager(ckpt_lib.checkpoint_dir(workdir), config.keep_checkpoints,
+                                  create=dist.is_primary)
+  state = init_state(config, model, tx, dist)
+  abstract = _checkpoint_tree(state, [examples.state()] * dist.size)
+  restored = ckpt_lib.restore_latest(manager, abstract, log=log)
+  if restored is not None:
+    step0, tree, meta = restored
+    if int(meta.get("ranks", dist.size)) != dist.size:
+      raise UserError(f"checkpoint step {step0} was written by {meta['ranks']} ranks; rerun "
+                      f"with the same rank count (now {dist.size}) or start a new --workdir")
+    state = TrainState(**{k: tree["train"][k] for k in ("step", "params", "opt_state", "rng")}) \
+        if isinstance(tree["train"], dict) else tree["train"]
+    examples.restore({k: v[dist.rank] for k, v in tree["data"].items()})
+    log(f"resumed from {manager.directory} at step {int(state.step)}")
+  state = parallel.put_on_first_device(state, dist)
+
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  signals = _Signals()
+  step = int(state.step)
+  acc, t_window, n_window = _zero_acc(), time.perf_counter(), 0
+  t_start, step_start = time.perf_counter(), step
+  last_saved = step if restored is not None else -1
+
+  def save(at_step):
+    nonlocal last_saved
+    gathered = dist.allgather(examples.state())
+    if dist.is_primary:
+      meta = {**model_meta(config), "ranks": dist.size, "global_batch": global_batch,
+              "config": json.loads(config.to_json_best_effort())}
+      ckpt_lib.save(manager, at_step, _checkpoint_tree(jax.device_get(state), gathered), meta)
+    dist.barrier()
+    last_saved = at_step
+
+  try:
+    while step < config.max_steps:
+      t_data = time.perf_counter()
+      batch = examples.next_batch()
+      t_data = time.perf_counter() - t_data
+      if config.debug.perturb_at_step == step and config.debug.perturb_rank == dist.rank:
+        state = state.replace(params=jax.tree_util.tree_map(lambda p: p * 1.001, state.params))
+      state, stats, logits, times = step_fn(state, batch)
+      if config.debug.nan_at_step == step:
+        stats["loss"] = np.float32("nan")
+      examples.update(logits)
+      step += 1
+      loss = float(stats["loss"])
+      if not math.isfinite(loss):
+        raise TrainingDiverged(
+            f"loss is {loss} at step {step}; stopping. The last good checkpoint "
+            f"(step {last_saved if last_saved >= 0 else 'none'}) is kept in "
+            f"{manager.directory}")
+      _accumulate(acc, stats, times, t_data)
+      n_window += 1
+      if step % config.log_every == 0 or step == config.max_steps:
+        now = time.perf_counter()
+        record = _record(acc, n_window, step, float(schedule(step - 1)), global_batch,
+                         now - t_window, dist)
+        if dist.is_primary:
+          _append_jsonl(metrics_path, record)
+          eta = (now - t_start) / max(step - step_start, 1) * (config.max_steps - step)
+          log(f"step {step}/{config.max_steps} loss {record['loss']:.4f} "
+              f"f1 {record['f1']:.3f} lr {record['learning_rate']:.2e} "
+              f"{record['fovs_per_s']:.2f} FOV/s  ETA {_fmt_eta(eta)}")
+        acc, t_window, n_window = _zero_acc(), now, 0
+      if config.sync_check_every and step % config.sync_check_every == 0:
+        _check_sync(dist, state.params, step)
+      preempt = signals.sigterm_at is not None
+      if dist.size > 1:
+        preempt = not dist.all_true(not preempt)
+      if preempt:
+        save(step)
+        raise Preempted(f"SIGTERM: saved checkpoint at step {step} in {manager.directory}; "
+                        "rerun the same command to continue")
+      if step % config.checkpoint_every == 0 and step < config.max_steps:
+        save(step)
+    if last_saved != step:
+      save(step)
+  finally:
+    manager.close()
+
+  fingerprint = params_fingerprint(jax.device_get(state.params))
+  fingerprints = dist.allgather(fingerprint)
+  final = {"final": True, "step": step, "params_fingerprint": fingerprint,
+           "rank_fingerprints": fingerprints, "ranks": dist.size,
+           "local_devices": dist.local_devices, "global_batch": global_batch,
+           "wall_s": round(time.perf_counter() - t_start, 3)}
+  if dist.is_primary:
+    _append_jsonl(metrics_path, final)
+    log(f"done: step {step}, params_fingerprint {fingerprint[:16]}..., results in {workdir}")
+  if len(set(fingerprints)) != 1:
+    raise TrainingDiverged(f"ranks ended with different parameters: {fingerprints}")
+  return final
+
+
+def _check_sync(dist, params, step) -> None:
+  if dist.size == 1:
+    return
+  prints = dist.allgather(params_fingerprint(jax.device_get(params)))
+  if len(set(prints)) != 1:
+    bad = [r for r, p in enumerate(prints) if p != prints[0]]
+    raise TrainingDiverged(f"ranks diverged at step {step}: parameters of rank(s) {bad} differ "
+                           "from rank 0; aborting all ranks")
+
+
+def _zero_acc() -> dict:
+  return {"loss": 0.0, "tp": 0.0, "fp": 0.0, "fn": 0.0, "time_step_s": 0.0,
+          "time_allreduce_s": 0.0, "time_data_s": 0.0}
+
+
+def _accumulate(acc, stats, times, t_data) -> None:
+  for k in ("loss", "tp", "fp", "fn"):
+    acc[k] += float(stats[k])
+  acc["time_step_s"] += times["time_step_s"]
+  acc["time_allreduce_s"] += times["time_allreduce_s"]
+  acc["time_data_s"] += t_data
+
+
+def _record(acc, n, step, lr, global_batch, elapsed, dist) -> dict:
+  precision, recall, f1 = losses.precision_recall_f1(acc["tp"], acc["fp"], acc["fn"])
+  return {"step": step, "loss": acc["loss"] / n, "learning_rate": lr,
+          "precision": precision, "recall": recall, "f1": f1,
+          "fovs_per_s": n * global_batch / elapsed, "ranks": dist.size,
+          "local_devices": dist.local_devices, "global_batch": global_batch,
+          "time_step_s": acc["time_step_s"] / n, "time_allreduce_s": acc["time_allreduce_s"] / n,
+          "time_data_s": acc["time_data_s"] / n}
+
+
+def _append_jsonl(path, record) -> None:
+  with open(path, "a") as f:
+    f.write(json.dumps(record) + "\n")
+
+
+def _fmt_eta(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def main(config, workdir: str) -> int:
+  """Entry point body for train.py: returns the process exit code."""
+  try:
+    train_and_evaluate(config, workdir)
+  except Preempted as e:
+    print(str(e), file=sys.stderr, flush=True)
+    return EXIT_PREEMPTED
+  except TrainingDiverged as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 1
+  return 0
