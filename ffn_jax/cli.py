@@ -73,5 +73,14 @@ def clean_errors():
   except UserError as e:
     if os.environ.get("FFN_JAX_TRACEBACK"):
       raise
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(EXIT_USER_ERROR)
+    fail(f"error: {e}", EXIT_USER_ERROR)
+
+
+def fail(message: str, code: int) -> None:
+  """Prints one line and exits; under MPI, names the rank and ends every rank."""
+  from ffn_jax import parallel  # local: keeps the import of cli light
+  world = parallel.mpi_world()
+  if world is not None and world[1] > 1:
+    message = f"[rank {world[0]}] {message}"
+  print(message, file=sys.stderr, flush=True)
+  parallel.abort_job(code)

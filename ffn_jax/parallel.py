@@ -66,7 +66,7 @@ class Dist:
     if self.comm is None:
       return tree
     flat, unravel = ravel_pytree(jax.tree_util.tree_map(np.asarray, tree))
-    buf = np.ascontiguousarray(np.asarray(flat))
+    buf = np.array(flat, copy=True)  # writable: ranks > 0 receive into it
     self.comm.Bcast(buf, root=0)
     return jax.tree_util.tree_map(np.asarray, unravel(buf))
 
@@ -76,13 +76,24 @@ class Dist:
   def all_true(self, flag: bool) -> bool:
     return all(self.allgather(bool(flag)))
 
-  def abort(self, code: int = 1) -> None:
-    """Ends every rank (used when one rank hit an error the others cannot see)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if self.comm is not None and self.size > 1:
-      self.comm.Abort(code)
-    sys.exit(code)
+
+
+def mpi_world():
+  """(rank, size) if this process has MPI initialized, else None. Never initializes MPI."""
+  mpi = sys.modules.get("mpi4py.MPI")
+  if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized():
+    return None
+  return mpi.COMM_WORLD.Get_rank(), mpi.COMM_WORLD.Get_size()
+
+
+def abort_job(code: int) -> None:
+  """Ends all ranks when one of them fails, so no rank waits forever in a collective."""
+  world = mpi_world()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  if world is not None and world[1] > 1:
+    sys.modules["mpi4py.MPI"].COMM_WORLD.Abort(code)
+  sys.exit(code)
 
 
 def init() -> Dist:

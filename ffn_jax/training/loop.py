@@ -12,11 +12,13 @@ import os
 import signal
 import sys
 import time
+import traceback
 
 import jax
 import numpy as np
 
 from ffn_jax import checkpoint as ckpt_lib
+from ffn_jax import cli
 from ffn_jax import losses, optim, parallel
 from ffn_jax.data import partitions, synthetic
 from ffn_jax.data.examples import RecurrentExamples
@@ -293,7 +295,14 @@ def main(config, workdir: str) -> int:
   except Preempted as e:
     print(str(e), file=sys.stderr, flush=True)
     return EXIT_PREEMPTED
-  except TrainingDiverged as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    return 1
+  except (TrainingDiverged, ckpt_lib.CheckpointError) as e:
+    cli.fail(f"error: {e}", 1)
+  except UserError:
+    raise
+  except BaseException:
+    # Any other failure on one rank must not leave the others blocked in an allreduce.
+    if parallel.mpi_world() is not None:
+      traceback.print_exc()
+      parallel.abort_job(1)
+    raise
   return 0

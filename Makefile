@@ -1,0 +1,33 @@
+# Two commands: `make demo` (set up + train a small FFN on synthetic data) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+VBIN := $(abspath $(VENV))/bin
+PY := $(VBIN)/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+# MPI comes from PyPI: the mpich wheel provides mpicc/mpirun, which mpi4jax's source build needs on
+# PATH. CUDA_PATH=/dev/null stops mpi4jax from trying a CUDA build when nvcc exists without CUDA.
+# --no-cache-dir for mpi4jax: a cached wheel is tied to the MPI it was built against.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "mpich>=4.1"
+	PATH="$(VBIN):$$PATH" CUDA_PATH=/dev/null $(PY) -m pip install --quiet --no-cache-dir \
+	  "jax>=0.10.2,<0.11" "mpi4py>=4.0" "mpi4jax>=0.9.1"
+	PATH="$(VBIN):$$PATH" $(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: setup
+	PATH="$(VBIN):$$PATH" $(PY) train.py --config configs/synthetic.py --workdir runs/demo \
+	  --config.max_steps=300
+	@echo "Results: runs/demo/metrics.jsonl (metrics), runs/demo/checkpoints/ (orbax checkpoints)"
+
+test: setup
+	PATH="$(VBIN):$$PATH" $(PY) -m pytest -q
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,50 @@
+"""Shared test helpers: repo paths, the shared data folder, running the CLIs in subprocesses."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("FFN_SHARED_DATA", REPO.parent / "shared" / "data"))
+BIN = Path(sys.executable).parent
+
+
+def shared_data(*parts) -> Path:
+  path = SHARED_DATA.joinpath(*parts)
+  if not path.exists():
+    pytest.skip(f"shared data not available: {path} (set FFN_SHARED_DATA)")
+  return path
+
+
+def cli_env(**extra) -> dict:
+  env = dict(os.environ)
+  env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+  env.setdefault("PYTHONUNBUFFERED", "1")
+  for k in ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "FFN_JAX_MPI"):
+    env.pop(k, None)
+  env.update({k: str(v) for k, v in extra.items()})
+  return env
+
+
+def run_train(workdir, *overrides, config="configs/tiny.py", ranks=None, env=None, timeout=300):
+  """Runs train.py (under mpirun -n ranks if given); returns the CompletedProcess."""
+  cmd = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / config),
+         "--workdir", str(workdir), *overrides]
+  if ranks:
+    mpirun = shutil.which("mpirun", path=str(BIN)) or shutil.which("mpirun")
+    if mpirun is None:
+      pytest.skip("mpirun not found (install the mpich wheel into the venv)")
+    cmd = [mpirun, "-n", str(ranks), *cmd]
+  return subprocess.run(cmd, cwd=REPO, env=env or cli_env(), capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def read_metrics(workdir) -> list[dict]:
+  with open(Path(workdir) / "metrics.jsonl") as f:
+    return [json.loads(line) for line in f if line.strip()]
