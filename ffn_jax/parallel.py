@@ -15,11 +15,9 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.flatten_util import ravel_pytree
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ffn_jax.training import step as step_lib
 
@@ -117,17 +115,13 @@ class DistributedStep:
     self.dist = dist
     devices = dist.devices
     self.num_devices = len(devices)
-    self._replicated = NamedSharding(Mesh(np.array(devices), (_AXIS,)), PartitionSpec(_AXIS))
 
     def local_grads(params, batch):
       grads, stats, logits = step_lib.grads_and_stats(params, batch, model=model)
       return lax.pmean(grads, _AXIS), lax.pmean(stats, _AXIS), logits
 
-    self._grads = jax.pmap(local_grads, axis_name=_AXIS, devices=devices)
-    self._replicate = jax.jit(
-        lambda t: jax.tree_util.tree_map(
-            lambda x: jnp.broadcast_to(x, (self.num_devices, *x.shape)), t),
-        out_shardings=self._replicated)
+    # in_axes=None: pmap hands the same params to every local device.
+    self._grads = jax.pmap(local_grads, axis_name=_AXIS, in_axes=(None, 0), devices=devices)
     size, comm = dist.size, dist.comm
 
     def update(state, grads_1, stats_1):
@@ -151,9 +145,8 @@ class DistributedStep:
 
   def __call__(self, state, batch: dict):
     t0 = time.perf_counter()
-    params_D = self._replicate(state.params)
     batch_D = {k: self.shard(v) for k, v in batch.items()}
-    grads_D, stats_D, logits_D = self._grads(params_D, batch_D)
+    grads_D, stats_D, logits_D = self._grads(state.params, batch_D)
     first = lambda x: x.addressable_shards[0].data
     grads_1 = jax.tree_util.tree_map(first, grads_D)
     stats_1 = jax.tree_util.tree_map(first, stats_D)
