@@ -1,0 +1,123 @@
+"""Inference benchmark on a named crop of FIB-25 training_sample2 with Google's settings.
+
+  python bench/inference.py --crop c64 --checkpoint /tmp/fib25_ckpt [--batch-sizes 1 4]
+
+Runs ``ffn_jax.inference.runner.run`` (configs/fib25_infer.py) once per batch size, then prints a
+table of VI / adapted Rand error against the ground truth of the crop (all voxels; unlabelled
+counts as one segment), FOV calls and wall time, next to Google's TensorFlow numbers for the same
+crop and to Google's published segmentation restricted to the crop, and a final JSON line.
+Crops are evaluation crops: never tune thresholds on them (../shared/data/README.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from configs import fib25_infer  # noqa: E402
+from ffn_jax import evaluation  # noqa: E402
+from ffn_jax.data import volumes  # noqa: E402
+from ffn_jax.inference import runner  # noqa: E402
+
+CROPS = {"c64": (93, 64), "c100": (75, 100), "c150": (50, 150)}  # zyx start, size (cubes)
+# Google's TF FFN on this machine with the same checkpoint and settings (crop as the volume).
+TF_REFERENCE = {"c64": {"vi": 1.763, "fov_calls": 67, "wall_s": 28.0},
+                "c100": {"vi": 1.886, "are": 0.198, "fov_calls": 726, "wall_s": 200.0}}
+DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
+
+
+def _crop(volume_path: str, start: int, size: int) -> np.ndarray:
+  return volumes.open_volume(volume_path).read((start,) * 3, (size,) * 3)
+
+
+def run_one(crop: str, checkpoint: str, batch_size: int, workdir: str, conv_impl: str) -> dict:
+  start, size = CROPS[crop]
+  c = fib25_infer.get_config()
+  c.checkpoint = checkpoint
+  c.bbox_start_zyx = (start,) * 3
+  c.bbox_size_zyx = (size,) * 3
+  c.batch_size = batch_size
+  c.conv_impl = conv_impl
+  c.progress_interval_s = 30.0
+  counters = runner.run(c, workdir)
+  seg = volumes.open_volume(os.path.join(workdir, runner.SEGMENTATION)).read()
+  return {"counters": counters, "seg": seg}
+
+
+def _row(name, m=None, counters=None, ref=None, same=""):
+  m = m or {}
+  counters = counters or {}
+  ref = ref or {}
+  get = lambda k: m.get(k, ref.get(k))  # noqa: E731
+  fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+  fov = counters.get("fov_calls", ref.get("fov_calls"))
+  wall = counters.get("wall_s", ref.get("wall_s"))
+  return (f"{name:<22} {fmt(get('vi'), '.3f'):>6} {fmt(get('vi_split'), '.3f'):>6} "
+          f"{fmt(get('vi_merge'), '.3f'):>6} {fmt(get('are'), '.3f'):>6} "
+          f"{fmt(m.get('segments_pred'), 'd'):>5} {fmt(fov, 'd'):>6} "
+          f"{fmt(counters.get('batches'), 'd'):>6} {fmt(wall, '.1f'):>8} {same:>5}")
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--crop", choices=sorted(CROPS), default="c64")
+  ap.add_argument("--checkpoint", default="/tmp/fib25_ckpt",
+                  help="orbax checkpoint of Google's model (python -m ffn_jax.import_tf_checkpoint"
+                       " ../shared/data/google_ffn_fib25/model.ckpt-27465036 --out DIR)")
+  ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
+  ap.add_argument("--conv-impl", default="auto")
+  ap.add_argument("--workdir", default="", help="default: a fresh temporary directory")
+  args = ap.parse_args(argv)
+
+  start, size = CROPS[args.crop]
+  truth = _crop(os.path.join(DATA, "fib25_training_sample2", "labels.zarr"), start, size)
+  official_path = os.path.join(DATA, "google_ffn_fib25",
+                               "official_segmentation_training_sample2.zarr")
+  official = _crop(official_path, start, size) if os.path.exists(official_path) else None
+  base = args.workdir or tempfile.mkdtemp(prefix=f"bench_infer_{args.crop}_")
+
+  results = {}
+  for b in args.batch_sizes:
+    r = run_one(args.crop, args.checkpoint, b, os.path.join(base, f"b{b}"), args.conv_impl)
+    r["metrics"] = evaluation.evaluate_segmentation(r["seg"], truth)
+    if official is not None:
+      r["vs_official"] = evaluation.evaluate_segmentation(r["seg"], official)
+    results[b] = r
+
+  header = (f"{'run (' + args.crop + ')':<22} {'VI':>6} {'split':>6} {'merge':>6} {'ARE':>6} "
+            f"{'segs':>5} {'FOVs':>6} {'calls':>6} {'wall_s':>8} {'=b1':>5}")
+  print(header)
+  print("-" * len(header))
+  if args.crop in TF_REFERENCE:
+    print(_row("google TF (reference)", ref=TF_REFERENCE[args.crop]))
+  if official is not None:
+    print(_row("google published, crop", evaluation.evaluate_segmentation(official, truth)))
+  first = results[args.batch_sizes[0]]["seg"]
+  for b, r in results.items():
+    same = "yes" if np.array_equal(r["seg"], first) else "NO"
+    print(_row(f"ffn_jax batch {b}", r["metrics"], r["counters"], same=same))
+
+  summary = {"crop": args.crop, "workdir": base, "reference_tf": TF_REFERENCE.get(args.crop)}
+  for b, r in results.items():
+    c, m = r["counters"], r["metrics"]
+    summary[f"batch{b}"] = {
+        "vi": m["vi"], "vi_split": m["vi_split"], "vi_merge": m["vi_merge"], "are": m["are"],
+        "segments": c["segments"], "fov_calls": c["fov_calls"], "batches": c.get("batches"),
+        "fov_wasted": c.get("fov_wasted", 0), "wall_s": c["wall_s"],
+        "predict_s": c.get("time_predict_s"), "compile_s": c.get("time_compile_s"),
+        "fraction_labelled": m["fraction_labelled"],
+        "same_as_first": bool(np.array_equal(r["seg"], first)),
+        "vi_vs_official": r.get("vs_official", {}).get("vi")}
+  print(json.dumps(summary))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

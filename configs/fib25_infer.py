@@ -1,0 +1,57 @@
+"""FFN inference on FIB-25 training_sample2 with Google's settings for the pretrained model.
+
+Thresholds, seed policy and normalization are those of
+``../shared/data/google_ffn_fib25/inference_training_sample2.pbtxt``. The checkpoint is required:
+``--config.checkpoint=DIR`` (e.g. from ``python -m ffn_jax.import_tf_checkpoint``). The block is
+``bbox_start_zyx`` + ``bbox_size_zyx`` (size entries <= 0 run to the end of the volume).
+"""
+import os
+
+import ml_collections
+
+_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.image = os.environ.get(
+      "FFN_FIB25_IMAGE", os.path.join(_DATA, "fib25_training_sample2", "image.zarr"))
+  c.image_mean = 128.0   # <= 0: take the checkpoint's
+  c.image_stddev = 33.0
+  c.mask = ""            # optional volume spec; nonzero voxels are neither seeded nor segmented
+  c.bbox_start_zyx = (0, 0, 0)
+  c.bbox_size_zyx = (0, 0, 0)
+
+  c.checkpoint = ""      # required: orbax checkpoint dir (model geometry comes from its meta)
+  c.checkpoint_step = -1  # -1 = latest
+  c.conv_impl = "auto"   # see ffn_jax.conv.available_routes()
+  c.precision = "highest"  # jax matmul/conv precision (matters on GPUs: no TF32)
+
+  c.inference = ml_collections.ConfigDict()
+  c.inference.init_activation = 0.95   # all thresholds are probabilities, applied as logits
+  c.inference.pad_value = 0.05
+  c.inference.move_threshold = 0.9
+  c.inference.segment_threshold = 0.6
+  c.inference.min_segment_size = 1000
+  c.inference.min_boundary_dist_zyx = (1, 1, 1)
+  c.inference.disco_seed_threshold = 0.0  # Google's default; < 0 disables
+
+  c.seed_policy = "PolicyPeaks"  # or PolicyGrid3d
+  c.seed_min_distance = 3
+  c.grid_step = 16
+  c.grid_offsets = (0, 8, 4, 12, 2, 10, 14)
+  c.voxel_size_zyx = (1.0, 1.0, 1.0)  # EDT sampling of PolicyPeaks (anisotropic data)
+
+  # FOVs per device call = segments flooded at once. 1 reproduces Google's sequential order;
+  # larger batches give the same segmentation (speculative segments are checked at each commit).
+  c.batch_size = 1
+  c.max_pending = 0  # look-ahead in seeds incl. paused segments; 0 = 1 (batch 1) or 4 x batch
+  c.pad_batches = "buckets"  # pad a partial batch to the next power of two, or "full"
+
+  c.checkpoint_interval_s = 60.0  # inference_state.npz; 0 = after every batch, < 0 = never
+  c.progress_interval_s = 10.0
+  c.preview_slices = 3
+
+  c.debug = ml_collections.ConfigDict()
+  c.debug.stop_after_fov_calls = -1  # tests: stop like a kill once this many FOVs were run
+  return c

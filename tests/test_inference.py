@@ -1,0 +1,306 @@
+"""Inference building blocks: movement, seeds, thresholds, and the canvas (with a stub FFN).
+
+The stub is a perfect flood filler that reads object IDs hidden in the image: it marks the
+object under the FOV's confident seed voxels (logit 4) and gives the next object a weak logit
+(0.8: above the segment threshold, below the move threshold), so segments overlap.
+"""
+import os
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from ffn_jax.inference import canvas as canvas_lib
+from ffn_jax.inference import movement, seed
+
+FOV = (9, 9, 9)
+DELTAS = (3, 3, 3)
+
+
+# ----------------------------------------------------------------------------------- helpers
+def voronoi_labels(shape=(34, 34, 34), n=7, rng_seed=0):
+  rng = np.random.default_rng(rng_seed)
+  points = rng.uniform(0, np.array(shape) - 1, size=(n, 3))
+  grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
+  d = ((grid[..., None, :] - points) ** 2).sum(-1)
+  return (np.argmin(d, -1) + 1).astype(np.int32)
+
+
+_RADIUS = np.sqrt(sum(g ** 2 for g in np.meshgrid(
+    *[np.arange(n) - n // 2 for n in FOV], indexing="ij"))).astype(np.float32)
+
+
+def stub_predict(calls=None, fail_after=None):
+  """Oracle FFN on images whose value is 10 * object ID; counts FOVs in ``calls``."""
+
+  def predict(image_BZYX, seed_BZYX):
+    out = np.empty_like(seed_BZYX)
+    for b in range(image_BZYX.shape[0]):
+      if calls is not None:
+        calls.append(1)
+        if fail_after is not None and len(calls) > fail_after:
+          raise KeyboardInterrupt("simulated kill")
+      img, s = image_BZYX[b], seed_BZYX[b]
+      sure = s > 2.0
+      if not sure.any():
+        out[b] = s
+        continue
+      vals, counts = np.unique(img[sure], return_counts=True)
+      obj = vals[np.argmax(counts)]
+      # Confidence falls off from the FOV centre, so face maxima are unique (no corner ties).
+      out[b] = np.where(img == obj, 4.0 - 0.05 * _RADIUS, np.where(img == obj + 10, 0.8, -4.0))
+    return out
+
+  return predict
+
+
+def make_canvas(labels, batch_size=1, predict=None, **opts):
+  image = (labels * 10).astype(np.float32)
+  options = canvas_lib.InferenceOptions(**{"min_segment_size": 50, **opts})
+  c = canvas_lib.Canvas(image, predict or stub_predict(), batch_size, FOV, DELTAS, options)
+  c.set_seeds(seed.policy_grid(image.shape, step=6, offsets=(4, 7)))
+  return c
+
+
+# ----------------------------------------------------------------------------------- thresholds
+def test_thresholds_are_float32_logits():
+  th = canvas_lib.Thresholds(canvas_lib.InferenceOptions())
+  for got, p in ((th.init, 0.95), (th.pad, 0.05), (th.move, 0.9), (th.segment, 0.6)):
+    assert got.dtype == np.float32
+    assert got == pytest.approx(np.log(p / (1 - p)), abs=1e-6)
+  # Google rounds the probability to float32 (proto field) before the logit: 2.1972244, not
+  # float32(logit(0.9)) = 2.1972246.
+  assert th.move == np.float32(2.1972244)
+  with pytest.raises(ValueError):
+    canvas_lib.Thresholds(canvas_lib.InferenceOptions(move_threshold=1.0))
+
+
+def test_segment_threshold_applied_in_logit_space():
+  # Object 1's neighbour gets logit 0.8 (p = 0.69): part of the segment at p 0.6, not at p 0.7.
+  labels = voronoi_labels()
+  low = make_canvas(labels, segment_threshold=0.6)
+  low.segment_all()
+  high = make_canvas(labels, segment_threshold=0.7)
+  high.segment_all()
+  assert low.counters["voxels_overlapping"] > 0
+  assert high.counters.get("voxels_overlapping", 0) == 0
+
+
+# ----------------------------------------------------------------------------------- movement
+def test_face_max_moves_thresholds_and_order():
+  logits = np.full((9, 9, 9), -5.0, np.float32)
+  logits[7, 4, 5] = 3.0    # +z face (centre 4 + delta 3), offset (0, +1) -> (3, 0, 1)
+  logits[4, 1, 2] = 2.0    # -y face: below threshold 2.5
+  logits[2, 4, 7] = 3.0    # +x face, same score: ties sort by offset, descending
+  moves = movement.face_max_moves(logits, (3, 3, 3), threshold=2.5)
+  assert moves == [(3.0, (3, 0, 1)), (3.0, (-2, 0, 3))]
+  # A voxel on the edge shared by two faces is one move.
+  logits = np.full((9, 9, 9), -5.0, np.float32)
+  logits[7, 7, 4] = 4.0
+  assert movement.face_max_moves(logits, (3, 3, 3), threshold=0.0) == [(4.0, (3, 3, 0))]
+  # A zero delta axis is never moved along.
+  assert all(rel[0] == 0 for _, rel in movement.face_max_moves(
+      np.random.default_rng(0).normal(size=(9, 9, 9)), (0, 3, 3), threshold=-10))
+
+
+def test_policy_fifo_visited_and_validity():
+  pol = movement.FaceMaxPolicy((3, 3, 3), score_threshold=2.0)
+  pol.reset((10, 10, 10))
+  assert pol.pop(lambda p: True) == (10, 10, 10)
+  logits = np.full((9, 9, 9), -5.0, np.float32)
+  logits[4, 4, 7] = 3.0   # +x
+  logits[4, 4, 1] = 2.5   # -x, lower score -> queued second
+  pol.update(logits, (10, 10, 10))
+  assert [c for _, c in pol.queue] == [(10, 10, 13), (10, 10, 7)]
+  # An invalid position is skipped; the next one is returned.
+  assert pol.pop(lambda p: p != (10, 10, 13)) == (10, 10, 7)
+  # Positions in an already visited lattice cell are skipped without asking the canvas.
+  pol.queue.append((3.0, (10, 11, 9)))  # cell (0, 0, 0) = the start, visited
+  pol.queue.append((3.0, (10, 10, 16)))
+  asked = []
+  assert pol.pop(lambda p: asked.append(p) or True) == (10, 10, 16)
+  assert asked == [(10, 10, 16)]
+  assert pol.pop(lambda p: True) is None
+  # State round trip.
+  pol.queue.append((2.5, (1, 2, 3)))
+  other = movement.FaceMaxPolicy((3, 3, 3), 2.0)
+  other.set_state(pol.get_state())
+  assert list(other.queue) == list(pol.queue) and other.visited == pol.visited
+
+
+# ----------------------------------------------------------------------------------- seeds
+def test_peak_local_max_matches_brute_force():
+  rng = np.random.default_rng(1)
+  image = ndimage.gaussian_filter(rng.normal(size=(14, 15, 16)), 1.0)
+  got = seed.peak_local_max(image, min_distance=2, threshold_abs=0)
+  want = []
+  for p in np.ndindex(image.shape):
+    if any(v < 2 or v >= s - 2 for v, s in zip(p, image.shape)) or image[p] <= 0:
+      continue
+    win = image[tuple(slice(v - 2, v + 3) for v in p)]
+    if image[p] == win.max():
+      want.append(p)
+  assert sorted(map(tuple, got)) == sorted(want)
+  values = image[tuple(got.T)]
+  assert np.all(np.diff(values) <= 0)  # brightest first
+
+
+def test_policy_peaks_on_edge_volume():
+  # Two balls of radius 9 with bright walls: seeds at the centres, ascending zyx order.
+  shape = (40, 40, 64)
+  grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
+  image = np.full(shape, 100.0, np.float32)
+  centres = [(20, 20, 16), (20, 20, 46)]
+  for c in centres:
+    r = np.sqrt(((grid - c) ** 2).sum(-1))
+    image[(r > 9) & (r < 11)] = 250.0
+  coords = seed.policy_peaks(image)
+  assert coords.dtype == np.int64 and coords.shape[1] == 3
+  for c in centres:
+    assert np.min(np.abs(coords - c).max(1)) <= 1, (c, coords)
+  assert [tuple(c) for c in coords] == sorted(tuple(c) for c in coords)
+  assert np.all(coords >= 3) and np.all(coords < np.array(shape) - 3)
+  # Anisotropy: the EDT is measured in voxel_size units.
+  dt_iso = seed.edge_distance(image)
+  dt_z2 = seed.edge_distance(image, voxel_size_zyx=(2, 1, 1))
+  assert np.all(dt_z2 >= dt_iso) and np.any(dt_z2 > dt_iso + 1)
+  # Deterministic, and independent of numpy's global random state.
+  np.random.seed(123)
+  assert np.array_equal(seed.policy_peaks(image), coords)
+
+
+def test_policy_grid_order_and_border_filter():
+  coords = seed.policy_grid((32, 32, 32), step=16, offsets=(0, 8))
+  assert len(coords) == 16
+  assert [tuple(c) for c in coords[:3]] == [(0, 0, 0), (0, 0, 16), (0, 16, 0)]
+  assert tuple(coords[8]) == (8, 8, 8)
+  seeds = seed.SeedList(coords, (32, 32, 32), margin_zyx=(4, 4, 4))
+  got = []
+  while (n := seeds.next()) is not None:
+    got.append(n[1])
+  assert got == [(16, 16, 16), (8, 8, 8), (8, 8, 24), (8, 24, 8), (8, 24, 24), (24, 8, 8), (24, 8, 24),
+                 (24, 24, 8), (24, 24, 24)]
+
+
+# ----------------------------------------------------------------------------------- canvas
+def test_canvas_segments_objects_and_min_size():
+  labels = voronoi_labels()
+  c = make_canvas(labels)
+  c.segment_all()
+  seg = c.segmentation
+  assert c.counters["segments"] >= 5
+  assert c.counters["fov_calls"] == c.counters["batches"]
+  for sid, (start, iters, size) in c.origins.items():
+    assert iters > 1 and size == np.sum(seg == sid) >= 50
+    obj = labels[start]
+    # Own object fully claimed unless an earlier segment got there first (weak overlaps).
+    assert np.all((seg == sid) <= ((labels == obj) | (labels == obj + 1)))
+  assert c.counters["seeds_skipped_segmented"] > 0  # later seeds inside done objects
+  big = make_canvas(labels, min_segment_size=10**6)
+  big.set_seeds(big.seeds.coords[:40])  # every seed floods its object in vain: keep it short
+  big.segment_all()
+  assert big.counters.get("segments", 0) == 0 and not big.segmentation.any()
+  assert big.counters["failed_too_small"] == big.counters["seeds_tried"] > 0
+
+
+def test_weak_seed_aborts_segment():
+  labels = voronoi_labels()
+
+  def weakening(image_BZYX, seed_BZYX):  # keeps the seed voxel only for the first FOV
+    out = stub_predict()(image_BZYX, seed_BZYX)
+    if (seed_BZYX > 2.0).sum() > 1:
+      out[:] = -1.0
+    return out
+
+  c = make_canvas(labels, predict=weakening)
+  c.segment_all()
+  assert c.counters.get("segments", 0) == 0
+  assert c.counters["failed_weak_seed"] > 0
+
+
+def test_mask_restricts_seeds_and_moves():
+  labels = voronoi_labels()
+  mask = np.zeros(labels.shape, bool)
+  mask[:, :, 17:] = True
+  image = (labels * 10).astype(np.float32)
+  c = canvas_lib.Canvas(image, stub_predict(), 1, FOV, DELTAS,
+                        canvas_lib.InferenceOptions(min_segment_size=50), mask=mask)
+  c.set_seeds(seed.policy_grid(image.shape, step=6, offsets=(4, 7)))
+  c.segment_all()
+  assert c.counters["segments"] > 0
+  assert all(start[2] < 17 for start, _, _ in c.origins.values())
+  assert not c.segmentation[:, :, 17 + FOV[2] // 2 + 1:].any()  # FOVs centred left of the mask
+
+
+@pytest.mark.parametrize("batch_size,max_pending", [(2, None), (5, None), (3, 60)])
+def test_batched_equals_sequential(batch_size, max_pending):
+  labels = voronoi_labels(n=9, rng_seed=3)
+  seq = make_canvas(labels, 1)
+  seq.segment_all()
+  bat = make_canvas(labels, batch_size)
+  bat.max_pending = max_pending or bat.max_pending
+  bat.segment_all()
+  assert np.array_equal(seq.segmentation, bat.segmentation)
+  assert seq.origins == bat.origins
+  assert {k: [a.tolist() for a in v] for k, v in seq.overlaps.items()} == \
+         {k: [a.tolist() for a in v] for k, v in bat.overlaps.items()}
+  for k in ("segments", "voxels_labelled", "voxels_overlapping", "seeds_tried",
+            "failed_too_small"):
+    assert seq.counters.get(k, 0) == bat.counters.get(k, 0), k
+  # Which of the two skip reasons a dropped speculative seed gets can differ; the total cannot.
+  skipped = lambda c: c.get("seeds_skipped_segmented", 0) + c.get("seeds_skipped_boundary", 0)
+  assert skipped(seq.counters) == skipped(bat.counters)
+  assert bat.counters["batches"] < seq.counters["batches"]
+  assert bat.counters["fov_calls"] == (seq.counters["fov_calls"]
+                                       + bat.counters.get("fov_wasted", 0))
+
+
+@pytest.mark.parametrize("batch_size,kill_after", [(1, 9), (1, 40), (3, 25)])
+def test_resume_equals_uninterrupted(tmp_path, batch_size, kill_after):
+  labels = voronoi_labels(n=9, rng_seed=3)
+  ref = make_canvas(labels, batch_size)
+  ref.segment_all()
+
+  calls = []
+  first = make_canvas(labels, batch_size, predict=stub_predict(calls, fail_after=kill_after))
+  path = os.path.join(tmp_path, "state.npz")
+
+  def save(c):  # checkpoint after every batch, like checkpoint_interval_s = 0
+    with open(path, "wb") as f:
+      np.savez_compressed(f, **c.state_dict())
+
+  with pytest.raises(KeyboardInterrupt):
+    first.segment_all(save)
+  with np.load(path, allow_pickle=False) as z:
+    state = {k: z[k] for k in z.files}
+  if batch_size == 1 and kill_after == 9:
+    assert "head_seed" in state  # killed in the middle of a segment
+  second = make_canvas(labels, batch_size)
+  second.set_seeds(np.zeros((0, 3), np.int64))
+  second.load_state(state)
+  second.segment_all()
+  assert np.array_equal(second.segmentation, ref.segmentation)
+  assert second.origins == ref.origins
+  assert second.counters["segments"] == ref.counters["segments"]
+
+
+# ----------------------------------------------------------------------------------- predictor
+def test_predictor_pads_to_fixed_batches():
+  import jax
+  from ffn_jax import model
+  from ffn_jax.inference.predict import Predictor
+  net = model.FFN(depth=2, features=4)
+  params = jax.tree_util.tree_map(np.asarray, model.init_params(net, jax.random.PRNGKey(1), FOV))
+  rng = np.random.default_rng(0)
+  image = rng.normal(size=(3, *FOV)).astype(np.float32)
+  seed_logits = rng.normal(size=(3, *FOV)).astype(np.float32)
+  want = np.asarray(net.apply({"params": params}, image[..., None], seed_logits[..., None]))
+  pred = Predictor(params, 2, 4, FOV, batch_size=4)
+  assert pred.buckets == [1, 2, 4]
+  np.testing.assert_allclose(pred(image, seed_logits), want[..., 0], atol=1e-5)
+  np.testing.assert_allclose(pred(image[:1], seed_logits[:1]), want[:1, ..., 0], atol=1e-5)
+  assert (pred.fov_calls, pred.batches, pred.padded_fovs) == (4, 2, 1)
+  full = Predictor(params, 2, 4, FOV, batch_size=4, pad="full")
+  assert full.buckets == [4]
+  full(image[:1], seed_logits[:1])
+  assert full.padded_fovs == 3

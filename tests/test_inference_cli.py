@@ -1,0 +1,140 @@
+"""infer.py end to end on a tiny zarr volume with a tiny depth-2 FFN checkpoint.
+
+The model's last bias is set so that one prediction turns the whole FOV into "object" at
+p ~ 0.64 (above the segment threshold, below the move threshold): every accepted seed becomes a
+segment of one FOV, deterministically, which keeps these runs to seconds.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from ffn_jax import checkpoint, model
+from ffn_jax.data import volumes
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "fib25_infer.py")
+
+
+class _Infer:
+  """infer.py's ``main`` run in this process (ml_collections reads overrides from sys.argv)."""
+
+  def __init__(self, monkeypatch):
+    spec = importlib.util.spec_from_file_location("infer_cli", os.path.join(REPO, "infer.py"))
+    self._mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(self._mod)
+    self._monkeypatch = monkeypatch
+
+  def main(self, argv):
+    self._monkeypatch.setattr(sys, "argv", list(argv))
+    return self._mod.main(list(argv))
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+  root = tmp_path_factory.mktemp("infer_assets")
+  rng = np.random.default_rng(0)
+  image = ndimage.gaussian_filter(rng.normal(size=(28, 28, 28)), 2.0)
+  image = np.clip(128 + image / image.std() * 30, 0, 255).astype(np.uint8)
+  image_path = os.path.join(root, "image.zarr")
+  volumes.write_zarr(image_path, image)
+  net = model.FFN(depth=2, features=4)
+  params = model.init_params(net, jax.random.PRNGKey(0), (9, 9, 9))
+  params = jax.tree_util.tree_map(np.asarray, params)
+  params["conv_lom"]["bias"] = np.array([3.5], np.float32)
+  ckpt = os.path.join(root, "ckpt")
+  checkpoint.save_params(ckpt, params, meta={
+      "model": {"depth": 2, "features": 4, "fov_size_zyx": [9, 9, 9], "deltas_zyx": [3, 3, 3]},
+      "image_mean": 128.0, "image_stddev": 33.0})
+  return {"image": image_path, "ckpt": ckpt, "root": str(root)}
+
+
+def _argv(assets, workdir, *extra):
+  """infer.py argv; ``extra`` "key=value" items replace the defaults (a repeated tuple override
+  would be concatenated by ml_collections)."""
+  overrides = {"checkpoint": assets["ckpt"], "image": assets["image"],
+               "bbox_start_zyx": "(2,2,2)", "bbox_size_zyx": "(24,24,24)",
+               "image_mean": "-1", "image_stddev": "-1", "inference.min_segment_size": "100",
+               "progress_interval_s": "-1"}
+  overrides.update(item.split("=", 1) for item in extra)
+  return ["infer.py", "--config", CONFIG, "--workdir", str(workdir),
+          *[f"--config.{k}={v}" for k, v in overrides.items()]]
+
+
+def _seg(workdir):
+  return volumes.open_volume(os.path.join(workdir, "segmentation.zarr")).read()
+
+
+def test_cli_end_to_end(assets, tmp_path):
+  work = tmp_path / "out"
+  argv = _argv(assets, work)
+  env = {**os.environ, "PYTHONPATH": REPO}
+  r = subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 0, r.stderr
+  seg = _seg(work)
+  assert seg.shape == (24, 24, 24) and seg.dtype == np.uint32
+  with open(work / "counters.json") as f:
+    counters = json.load(f)
+  for key in ("fov_calls", "wall_s", "segments", "voxels_labelled", "time_predict_s",
+              "time_seed_policy_s", "time_compile_s", "time_write_s", "time_host_s"):
+    assert key in counters, key
+  assert counters["segments"] == len(np.unique(seg[seg > 0])) >= 2
+  assert counters["voxels_labelled"] == int((seg > 0).sum())
+  assert counters["fov_calls"] >= counters["segments"]
+  assert os.path.getsize(work / "preview.png") > 1000
+  assert not os.path.exists(work / "inference_state.npz")
+  with open(work / "segments.json") as f:
+    segments = json.load(f)
+  assert all(2 + 4 <= v for s in segments.values() for v in s["seed_zyx"])  # global coordinates
+  # The same command again: finished job, nothing is redone or overwritten.
+  mtime = os.path.getmtime(work / "segmentation.zarr" / ".zarray")
+  r = subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 0 and "nothing to do" in r.stdout, r.stdout + r.stderr
+  assert os.path.getmtime(work / "segmentation.zarr" / ".zarray") == mtime
+
+
+def test_cli_resume_after_kill_equals_uninterrupted(assets, tmp_path, monkeypatch):
+  infer = _Infer(monkeypatch)
+  assert infer.main(_argv(assets, tmp_path / "ref")) == 0
+  killed = tmp_path / "killed"
+  argv = _argv(assets, killed, "checkpoint_interval_s=0")
+  assert infer.main([*argv, "--config.debug.stop_after_fov_calls=2"]) == 0
+  assert os.path.exists(killed / "inference_state.npz")
+  assert not os.path.exists(killed / "segmentation.zarr")
+  # Same job again (a different batch size does not change the result): resumes.
+  assert infer.main([*argv, "--config.batch_size=3"]) == 0
+  with open(killed / "counters.json") as f:
+    counters = json.load(f)
+  assert counters["resumed"] == 1
+  assert np.array_equal(_seg(killed), _seg(tmp_path / "ref"))
+
+
+def test_cli_errors(assets, tmp_path, capsys, monkeypatch):
+  infer = _Infer(monkeypatch)
+
+  def fails(argv, text):
+    with pytest.raises(SystemExit) as e:
+      infer.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert text in err and len(err.strip().splitlines()) == 1, err
+
+  work = tmp_path / "w"
+  fails(_argv(assets, work, "bbox_start_zyx=(10,10,10)"), "outside the volume")
+  fails(_argv(assets, work, "bbox_size_zyx=(24,24,40)"), "outside the volume")
+  fails(_argv(assets, work, f"image={tmp_path}/missing.zarr"), "volume not found")
+  fails(_argv(assets, work, f"checkpoint={tmp_path}/nope"), "checkpoint")
+  fails(_argv(assets, work, "checkpoint="), "--config.checkpoint")
+  # A finished segmentation of another job is never overwritten.
+  assert infer.main(_argv(assets, work)) == 0
+  before = _seg(work)
+  fails(_argv(assets, work, "inference.segment_threshold=0.5"), "different job")
+  assert np.array_equal(_seg(work), before)
