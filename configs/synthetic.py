@@ -34,6 +34,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.augment = True
 
   c.batch_size = 4  # per local device; global batch = batch_size x local devices x ranks
+  # > 0: fixes the global batch instead; it must divide evenly over ranks x local devices, and
+  # each device then takes global_batch / (ranks x local devices) (batch_size is ignored).
+  c.global_batch = 0
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adam"  # sgd, momentum, nesterov, adam, adamw, lamb, lars
@@ -61,9 +64,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.sync_check_every = 50  # compare parameter fingerprints across ranks; 0 disables
   c.preemption_grace_s = 60.0  # after SIGTERM: save and exit within this time
+  # No training step finished for this long (a rank died or hangs): abort every rank. 0 = off.
+  c.step_timeout_s = 1800.0
 
   c.debug = ml_collections.ConfigDict()
   c.debug.perturb_rank = -1  # tests only: this rank perturbs its params ...
   c.debug.perturb_at_step = -1  # ... at this step (to prove the divergence check works)
   c.debug.nan_at_step = -1  # tests only: poison the loss at this step
+  c.debug.preempt_save_delay_s = 0.0  # tests only: the SIGTERM save first sleeps this long
   return c

@@ -5,21 +5,41 @@ Layout of one checkpoint step: item ``state`` (params, opt_state, step, rng; Sta
 ``params`` only (e.g. an imported TensorFlow model) restores with ``load_params``.
 
 Resume order (as in big_vision): own workdir's latest complete checkpoint -> fresh init.
-A checkpoint that fails to restore (corrupt, truncated) is reported and the previous one tried.
+A checkpoint that fails to restore (corrupt, truncated) is reported and the previous one tried;
+the trainer then moves it to ``WORKDIR/unreadable_checkpoints/`` so the step can be written again.
+
+Crash safety: orbax writes each step into ``<step>.orbax-checkpoint-tmp-<time>`` and renames it to
+``<step>`` only when complete, so a kill during a save leaves a temp folder that is never listed
+as a step (and is removed the next time the manager is created for writing).
 """
 from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ffn_jax.errors import UserError
+
+UNREADABLE_DIR = "unreadable_checkpoints"
+
 
 class CheckpointError(Exception):
   """A checkpoint cannot be used (missing, corrupt, or from a different model)."""
+
+
+class CheckpointMismatch(CheckpointError, UserError):
+  """The checkpoint is fine but was trained with another model/optimizer/batch config."""
+
+
+class Restored(NamedTuple):
+  step: int
+  state: Any
+  meta: dict
+  unreadable_steps: list  # newer steps that failed to load and were skipped
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -27,52 +47,134 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def make_manager(directory: str, max_to_keep: int | None = 3, create: bool = True):
+  """An orbax manager; ``create`` (the one process that writes) also removes leftover temp dirs."""
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=create, enable_async_checkpointing=False)
+      max_to_keep=max_to_keep, create=create, enable_async_checkpointing=False,
+      cleanup_tmp_directories=create)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
 def save(manager, step: int, state: Any, meta: dict) -> None:
-  """Writes one checkpoint (blocking). Orbax writes to a temp dir and renames when complete."""
+  """Writes one checkpoint (blocking). Orbax writes to a temp dir and renames when complete.
+
+  Raises:
+    CheckpointError: orbax skipped the save (it silently refuses a step <= the latest one).
+  """
   state = jax.device_get(state)
-  manager.save(step, args=ocp.args.Composite(
+  saved = manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
   manager.wait_until_finished()
+  if not saved:
+    raise CheckpointError(f"checkpoint step {step} was not written to {manager.directory} "
+                          f"(it already holds step {manager.latest_step()})")
 
 
-def restore_latest(manager, abstract_state: Any, log=print):
-  """Restores the newest checkpoint that loads; returns (step, state, meta) or None.
+def restore_latest(manager, abstract_state: Any, log=print,
+                   check_meta: Callable[[int, dict], None] | None = None) -> Restored | None:
+  """Restores the newest checkpoint that loads; returns a ``Restored`` or None if there is none.
+
+  For each step, newest first: read its JSON meta, let ``check_meta(step, meta)`` refuse a
+  checkpoint of another config (by raising), then read the state. A step whose files cannot be
+  read is reported through ``log`` and the previous step tried.
 
   Args:
-    abstract_state: a PyTree with the expected structure/shapes (arrays or ShapeDtypeStructs).
+    abstract_state: a PyTree with the expected structure/shapes (arrays or ShapeDtypeStructs),
+      or a function returning it, called only once a checkpoint's meta has passed the check.
+    check_meta: raises ``CheckpointMismatch`` when the meta shows a different model/config.
   Raises:
-    CheckpointError: a checkpoint loaded but does not match ``abstract_state`` (different model).
+    CheckpointMismatch: a checkpoint loaded but does not match this model (different config).
+    CheckpointError: there are checkpoints and none of them can be read.
   """
-  abstract_state = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
-      if not isinstance(x, jax.ShapeDtypeStruct) else x, abstract_state)
+  _quiet_closed_loop_noise()
   steps = sorted(manager.all_steps(), reverse=True)
+  unreadable = []
   for step in steps:
     try:
+      meta = dict(manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore())).meta or {})
+    except Exception as e:  # noqa: BLE001 - any failure to read a step means try the previous one
+      _warn_unreadable(log, step, e)
+      unreadable.append(step)
+      continue
+    if check_meta is not None:
+      check_meta(step, meta)
+    if callable(abstract_state):
+      abstract_state = abstract_state()
+    abstract_state = jax.tree_util.tree_map(
+        lambda x: x if isinstance(x, jax.ShapeDtypeStruct)
+        else jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), abstract_state)
+    try:
       restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+          state=ocp.args.StandardRestore(abstract_state)))
     except (ValueError, KeyError, TypeError) as e:
       if _is_shape_mismatch(e):
-        raise CheckpointError(
+        raise CheckpointMismatch(
             f"checkpoint step {step} in {manager.directory} does not match this model/optimizer "
             f"config ({_first_line(e)}); use another --workdir or the config it was trained with")
-      log(f"warning: checkpoint step {step} is unreadable ({_first_line(e)}); "
-          "falling back to the previous one")
+      _warn_unreadable(log, step, e)
+      unreadable.append(step)
       continue
-    except Exception as e:  # noqa: BLE001 - any failure to read a step means try the previous one
-      log(f"warning: checkpoint step {step} is unreadable ({type(e).__name__}: {_first_line(e)}); "
-          "falling back to the previous one")
+    except Exception as e:  # noqa: BLE001
+      _warn_unreadable(log, step, e)
+      unreadable.append(step)
       continue
     _check_shapes(abstract_state, restored.state, step)
-    return step, restored.state, dict(restored.meta)
+    return Restored(step, restored.state, meta, unreadable)
   if steps:
-    raise CheckpointError(f"no readable checkpoint in {manager.directory} (tried steps {steps})")
+    raise CheckpointError(
+        f"no readable checkpoint in {manager.directory} (tried steps {steps}); move it away "
+        "to start from scratch, or use another --workdir")
   return None
+
+
+def set_aside(manager, steps, log=print) -> None:
+  """Moves unreadable checkpoint steps out of the manager's folder (kept for inspection).
+
+  Needed before training continues from an older step: orbax refuses to write a step at or
+  below the latest one it lists, so a corrupt newest step would block every later save.
+  """
+  target_root = os.path.join(os.path.dirname(str(manager.directory)), UNREADABLE_DIR)
+  for step in steps:
+    source = os.path.join(str(manager.directory), str(step))
+    if not os.path.exists(source):
+      continue
+    os.makedirs(target_root, exist_ok=True)
+    target, n = os.path.join(target_root, str(step)), 1
+    while os.path.exists(target):
+      target, n = os.path.join(target_root, f"{step}.{n}"), n + 1
+    os.replace(source, target)
+    log(f"moved unreadable checkpoint step {step} to {target}")
+  manager.reload()
+
+
+def _warn_unreadable(log, step, e: Exception) -> None:
+  log(f"warning: checkpoint step {step} is unreadable ({type(e).__name__}: {_first_line(e)}); "
+      "falling back to the previous one")
+
+
+_hook_installed = False
+
+
+def _quiet_closed_loop_noise() -> None:
+  """Hides tensorstore's late "Event loop is closed" callbacks after a failed restore.
+
+  When one read of a checkpoint fails, orbax closes its asyncio loop while other reads are still
+  in flight; their completion callbacks then raise RuntimeError in tensorstore threads, which
+  Python prints as dozens of tracebacks (through ``sys.unraisablehook``). They are harmless.
+  """
+  global _hook_installed
+  if _hook_installed:
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = hook
+  _hook_installed = True
 
 
 def _first_line(e: Exception) -> str:
@@ -89,12 +191,12 @@ def _check_shapes(expected, got, step) -> None:
   exp_leaves, exp_def = jax.tree_util.tree_flatten(expected)
   got_leaves, got_def = jax.tree_util.tree_flatten(got)
   if exp_def != got_def:
-    raise CheckpointError(
+    raise CheckpointMismatch(
         f"checkpoint step {step} has a different structure than this model/optimizer config; "
         "use another --workdir or the config it was trained with")
   for e, g in zip(exp_leaves, got_leaves):
     if tuple(np.shape(e)) != tuple(np.shape(g)):
-      raise CheckpointError(
+      raise CheckpointMismatch(
           f"checkpoint step {step} holds an array of shape {tuple(np.shape(g))} where this model "
           f"expects {tuple(np.shape(e))}; use another --workdir or the config it was trained with")
 
@@ -123,6 +225,7 @@ def load_params(directory: str, step: int | None = None):
     steps = [step] if step in steps else []
   if not steps:
     raise CheckpointError(f"no checkpoint found in {directory}")
+  _quiet_closed_loop_noise()
   for s in steps:
     try:
       restored = manager.restore(s, args=ocp.args.Composite(

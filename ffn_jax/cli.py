@@ -42,7 +42,13 @@ def parse(argv: list[str], default_config: str, prog: str):
     fv(argv)
   except flags.Error as e:
     raise UserError(_flag_error(e)) from None
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
+  except (AttributeError, KeyError) as e:
+    # A locked ConfigDict raises AttributeError(KeyError("'key'\nDid you mean ...")).
+    key_error = e if isinstance(e, KeyError) else e.args[0] if e.args else None
+    if isinstance(key_error, KeyError):
+      raise UserError(f"unknown config key: {_key_error(key_error)}") from None
+    raise UserError(f"bad config override: {_one_line(e)}") from None
+  except (TypeError, ValueError) as e:
     raise UserError(f"bad config override: {_one_line(e)}") from None
   if not fv.workdir:
     raise UserError("--workdir is required")
@@ -56,6 +62,13 @@ def parse(argv: list[str], default_config: str, prog: str):
 def _one_line(e: BaseException) -> str:
   text = " ".join(str(e).split())
   return text[:500] if text else type(e).__name__
+
+
+def _key_error(e: KeyError) -> str:
+  text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+  key, _, hint = text.partition("\n")
+  hint = " ".join(hint.split())
+  return f"{key} ({hint})" if hint else key
 
 
 def _flag_error(e: flags.Error) -> str:

@@ -84,14 +84,31 @@ def mpi_world():
   return mpi.COMM_WORLD.Get_rank(), mpi.COMM_WORLD.Get_size()
 
 
-def abort_job(code: int) -> None:
-  """Ends all ranks when one of them fails, so no rank waits forever in a collective."""
-  world = mpi_world()
+# MPI_Abort tears the job down at once; the launcher may not yet have forwarded the failing
+# rank's last lines (its error message) to the terminal. A short pause lets them through.
+_ABORT_FLUSH_S = 1.0
+
+
+def _abort_all_ranks(code: int) -> None:
   sys.stdout.flush()
   sys.stderr.flush()
+  world = mpi_world()
   if world is not None and world[1] > 1:
+    time.sleep(_ABORT_FLUSH_S)
     sys.modules["mpi4py.MPI"].COMM_WORLD.Abort(code)
+
+
+def abort_job(code: int) -> None:
+  """Ends all ranks when one of them fails, so no rank waits forever in a collective."""
+  _abort_all_ranks(code)
   sys.exit(code)
+
+
+def hard_exit(code: int) -> None:
+  """Ends this process now, from any thread, even while the main thread is blocked in XLA or
+  an MPI collective; under MPI it aborts every rank (MPI_Abort), so none is left waiting."""
+  _abort_all_ranks(code)
+  os._exit(code)
 
 
 def init() -> Dist:

@@ -24,6 +24,9 @@ def compute_partitions(labels_ZYX: np.ndarray, thresholds, lom_radius_zyx, min_s
   thresholds = np.asarray(thresholds, np.float64)
   if thresholds.ndim != 1 or len(thresholds) == 0 or np.any(np.diff(thresholds) <= 0):
     raise UserError(f"partition thresholds must be a non-empty increasing list, got {thresholds}")
+  if labels_ZYX.size and labels_ZYX.min() < 0:
+    raise UserError(f"labels contain negative IDs (min {labels_ZYX.min()}); object IDs must be "
+                    ">= 0 (0 = background)")
   radius = np.asarray(lom_radius_zyx, int)
   diam = 2 * radius + 1
   out = np.zeros(labels_ZYX.shape, np.uint8)

@@ -33,10 +33,16 @@ class Volume:
     start = np.asarray(start_zyx, int)
     size = np.asarray(self.shape if size_zyx is None else size_zyx, int)
     stop = start + size
+    box = f"box start {tuple(start.tolist())} size {tuple(size.tolist())} (zyx)"
     if np.any(start < 0) or np.any(stop > self.shape):
-      raise UserError(f"box start {tuple(start)} size {tuple(size)} (zyx) lies outside volume "
-                      f"{self.name} of shape {self.shape}")
-    return np.asarray(self._reader(tuple(slice(a, b) for a, b in zip(start, stop))))
+      raise UserError(f"{box} lies outside volume {self.name} of shape {self.shape}")
+    try:
+      return np.asarray(self._reader(tuple(slice(a, b) for a, b in zip(start, stop))))
+    except MemoryError:
+      raise
+    except Exception as e:  # noqa: BLE001 - tensorstore/h5py raise many types for bad data
+      text = " ".join(str(e).split())[:300] or type(e).__name__
+      raise UserError(f"cannot read {box} of volume {self.name}: {text}") from None
 
   def to_numpy(self) -> np.ndarray:
     return self.read()

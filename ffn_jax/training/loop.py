@@ -3,13 +3,18 @@
 Resume order: the latest readable checkpoint in ``WORKDIR/checkpoints`` -> fresh init (rank 0's
 parameters broadcast to all ranks). Metrics go to ``WORKDIR/metrics.jsonl`` (rank 0 only); the
 last line is a final record with the parameter fingerprint of every rank.
+
+Failure handling: a checkpoint of a different model/optimizer/batch is refused before it is read
+(exit 2, left untouched); an unreadable newest checkpoint is skipped and set aside. SIGTERM saves
+a checkpoint and exits 75. A watchdog thread enforces two deadlines even while the main thread is
+stuck in XLA or an MPI collective: ``preemption_grace_s`` after SIGTERM, and ``step_timeout_s``
+without a finished step (a hung or dead rank); either ends every rank.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import signal
 import sys
 import time
 import traceback
@@ -26,8 +31,7 @@ from ffn_jax.data.volumes import open_volume
 from ffn_jax.errors import UserError
 from ffn_jax.model import FFN, init_params
 from ffn_jax.training.state import TrainState, params_fingerprint
-
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: SIGTERM received, checkpoint saved, rerun to continue
+from ffn_jax.training.watchdog import EXIT_PREEMPTED, Watchdog  # noqa: F401 - re-exported
 
 
 class TrainingDiverged(Exception):
@@ -50,6 +54,81 @@ def model_meta(config) -> dict:
           "image_mean": config.data.image_mean, "image_stddev": config.data.image_stddev}
 
 
+# -- config --------------------------------------------------------------------------------------
+def validate_config(config) -> None:
+  """Refuses values that would fail later with a traceback (wrong type, zero, wrong length).
+
+  Raises:
+    UserError: naming the field, what it needs, and what it got.
+  """
+  def need(ok, name, what, value):
+    if not ok:
+      raise UserError(f"config.{name} must be {what}, got {value!r}")
+
+  def integer(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+  def number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+  def zyx(name, value, minimum, allow_empty=False):
+    if allow_empty and isinstance(value, (tuple, list)) and not value:
+      return
+    ok = (isinstance(value, (tuple, list)) and len(value) == 3
+          and all(integer(v) and v >= minimum for v in value))
+    need(ok, name, f"3 integers >= {minimum} (z, y, x)" + (" or ()" if allow_empty else ""),
+         value)
+
+  for name, minimum in (("batch_size", 1), ("max_steps", 0), ("log_every", 1),
+                        ("checkpoint_every", 1), ("keep_checkpoints", 1), ("sync_check_every", 0),
+                        ("model.depth", 1), ("model.features", 1), ("data.fov_moves", 0),
+                        ("data.min_size", 0)):
+    section, _, field = name.rpartition(".")
+    value = (config[section] if section else config)[field]
+    need(integer(value) and value >= minimum, name, f"an integer >= {minimum}", value)
+  need(integer(_global_batch(config)) and _global_batch(config) >= 0, "global_batch",
+       "an integer >= 0 (0 = batch_size per device)", _global_batch(config))
+  need(number(config.preemption_grace_s) and config.preemption_grace_s > 0,
+       "preemption_grace_s", "a number of seconds > 0", config.preemption_grace_s)
+  need(number(_step_timeout_s(config)) and _step_timeout_s(config) >= 0,
+       "step_timeout_s", "a number of seconds >= 0 (0 = off)", _step_timeout_s(config))
+  need(number(config.data.image_stddev) and config.data.image_stddev > 0,
+       "data.image_stddev", "a number > 0", config.data.image_stddev)
+  zyx("model.fov_size_zyx", config.model.fov_size_zyx, 1)
+  zyx("model.deltas_zyx", config.model.deltas_zyx, 0)
+  zyx("data.lom_radius_zyx", config.data.lom_radius_zyx, 0)
+  zyx("data.box_start_zyx", config.data.box_start_zyx, 0)
+  zyx("data.box_size_zyx", config.data.box_size_zyx, 1, allow_empty=True)
+  zyx("data.synthetic_shape_zyx", config.data.synthetic_shape_zyx, 1)
+
+
+# Fields added after the first configs were written: configs of one's own may lack them.
+def _global_batch(config) -> int:
+  return config.get("global_batch", 0)
+
+
+def _step_timeout_s(config) -> float:
+  return config.get("step_timeout_s", 0.0)
+
+
+def batch_per_device(config, dist: parallel.Dist) -> int:
+  """Examples per local device: ``batch_size``, or ``global_batch`` split over every device.
+
+  Raises:
+    UserError: ``global_batch`` does not divide evenly over ranks x local devices.
+  """
+  replicas = dist.size * dist.local_devices
+  global_batch = _global_batch(config)
+  if global_batch <= 0:
+    return config.batch_size
+  if global_batch % replicas:
+    raise UserError(
+        f"global_batch={global_batch} cannot be split evenly over {dist.size} rank(s) x "
+        f"{dist.local_devices} local device(s) = {replicas}; use a multiple of {replicas} or "
+        "another rank count")
+  return global_batch // replicas
+
+
 # -- data ----------------------------------------------------------------------------------------
 def load_training_volumes(config):
   """(float32 normalized image, labels) of the training region, validated."""
@@ -69,6 +148,9 @@ def load_training_volumes(config):
                       "labels must be integer object IDs")
     shape = np.asarray(image_vol.shape)
     start = np.asarray(d.box_start_zyx, int)
+    if np.any(start >= shape):
+      raise UserError(f"data.box_start_zyx {tuple(d.box_start_zyx)} lies outside the volumes of "
+                      f"shape {tuple(shape.tolist())} (zyx)")
     size = np.asarray(d.box_size_zyx, int) if len(d.box_size_zyx) else shape - start
     size = np.minimum(size, shape - start)
     image = image_vol.read(start, size)
@@ -84,7 +166,8 @@ def load_training_volumes(config):
   return image, labels, block
 
 
-def build_examples(config, dist: parallel.Dist, workdir: str, log) -> RecurrentExamples:
+def build_examples(config, dist: parallel.Dist, workdir: str, log,
+                   per_device: int) -> RecurrentExamples:
   image, labels, block = load_training_volumes(config)
   d = config.data
   margin = tuple(int(b) // 2 for b in block)
@@ -99,19 +182,33 @@ def build_examples(config, dist: parallel.Dist, workdir: str, log) -> RecurrentE
         os.path.join(workdir, "cache"), log)
   sampler = partitions.BalancedSampler(coords, config.seed, dist.rank, dist.size)
   return RecurrentExamples(
-      image, labels, sampler, config.batch_size * dist.local_devices,
+      image, labels, sampler, per_device * dist.local_devices,
       config.model.fov_size_zyx, config.model.deltas_zyx, d.fov_moves, d.move_threshold,
       d.augment, config.seed, dist.rank)
 
 
 # -- state ---------------------------------------------------------------------------------------
+def _key_data(rng):
+  return jax.random.key_data(rng) if hasattr(jax.random, "key_data") else rng
+
+
 def init_state(config, model, tx, dist) -> TrainState:
   rng = jax.random.PRNGKey(config.seed)
   params = init_params(model, rng, config.model.fov_size_zyx)
   params = dist.broadcast_tree(params)
   return TrainState(step=np.int32(0), params=params, opt_state=tx.init(params),
-                    rng=np.asarray(jax.random.key_data(rng)) if hasattr(jax.random, "key_data")
-                    else np.asarray(rng))
+                    rng=np.asarray(_key_data(rng)))
+
+
+def abstract_state(config, model, tx) -> TrainState:
+  """Shapes and dtypes of ``init_state``'s result, traced only: a resume (or a refused
+  checkpoint) never pays for compiling and running the initialization."""
+  def init():
+    rng = jax.random.PRNGKey(config.seed)
+    params = init_params(model, rng, config.model.fov_size_zyx)
+    return TrainState(step=np.int32(0), params=params, opt_state=tx.init(params),
+                      rng=_key_data(rng))
+  return jax.eval_shape(init)
 
 
 def _checkpoint_tree(state: TrainState, data_states: list[dict]) -> dict:
@@ -120,20 +217,63 @@ def _checkpoint_tree(state: TrainState, data_states: list[dict]) -> dict:
 
 
 # -- loop ----------------------------------------------------------------------------------------
-class _Signals:
-  def __init__(self):
-    self.sigterm_at = None
-    signal.signal(signal.SIGTERM, self._on_term)
+def _drop_partial_line(path: str) -> None:
+  """A kill during an append can leave a last line without its newline; drop that fragment."""
+  try:
+    with open(path, "rb+") as f:
+      data = f.read()
+      if data and not data.endswith(b"\n"):
+        f.truncate(data.rfind(b"\n") + 1)
+  except FileNotFoundError:
+    pass
 
-  def _on_term(self, signum, frame):  # noqa: ARG002
-    self.sigterm_at = time.time()
+
+def _meta_checker(config, dist, global_batch: int):
+  """``check_meta`` for restore_latest: refuses a checkpoint of another model/optimizer/batch."""
+  want = model_meta(config)["model"]
+
+  def check(step, meta):
+    where = f"checkpoint step {step}"
+    fix = "use the config it was trained with, or another --workdir"
+    have = meta.get("model")
+    if isinstance(have, dict):
+      diff = [f"{k} {have.get(k)} (checkpoint) vs {want[k]} (config)" for k in want
+              if have.get(k) != want[k]]
+      if diff:
+        raise ckpt_lib.CheckpointMismatch(
+            f"{where} was trained with a different model: {'; '.join(diff)}; {fix}")
+    optim_name = meta.get("config", {}).get("optim", {}).get("name")
+    if optim_name is not None and optim_name != config.optim.name:
+      raise ckpt_lib.CheckpointMismatch(
+          f"{where} was trained with optim.name={optim_name!r}, not {config.optim.name!r}; {fix}")
+    if int(meta.get("ranks", dist.size)) != dist.size:
+      raise ckpt_lib.CheckpointMismatch(
+          f"{where} was written by {meta['ranks']} ranks; rerun with the same rank count "
+          f"(now {dist.size}) or start a new --workdir")
+    if int(meta.get("global_batch", global_batch)) != global_batch:
+      raise ckpt_lib.CheckpointMismatch(
+          f"{where} was trained with a global batch of {meta['global_batch']}, this run has "
+          f"{global_batch}; {fix}")
+
+  return check
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains to ``config.max_steps``, resuming from ``workdir``. Returns the final record."""
+  validate_config(config)
   dist = parallel.init()
-  workdir = os.path.abspath(workdir)
+  prefix = f"[rank {dist.rank}] " if dist.size > 1 else ""
+  watchdog = Watchdog(config.preemption_grace_s, _step_timeout_s(config), prefix)
+  try:
+    return _train(config, os.path.abspath(workdir), dist, watchdog)
+  finally:
+    watchdog.close()
+
+
+def _train(config, workdir: str, dist: parallel.Dist, watchdog: Watchdog) -> dict:
   log = (lambda *a: print(*a, flush=True)) if dist.is_primary else (lambda *a: None)
+  per_device = batch_per_device(config, dist)
+  global_batch = per_device * dist.local_devices * dist.size
   if dist.is_primary:
     try:
       os.makedirs(workdir, exist_ok=True)
@@ -146,90 +286,114 @@ def train_and_evaluate(config, workdir: str) -> dict:
   dist.barrier()
 
   model = build_model(config)
-  global_batch = config.batch_size * dist.local_devices * dist.size
   tx, schedule = optim.make_optimizer(config.optim, global_batch)
-  examples = build_examples(config, dist, workdir, log)
+  examples = build_examples(config, dist, workdir, log, per_device)
   step_fn = parallel.DistributedStep(dist, model, tx)
 
   manager = ckpt_lib.make_manager(ckpt_lib.checkpoint_dir(workdir), config.keep_checkpoints,
                                   create=dist.is_primary)
-  state = init_state(config, model, tx, dist)
-  abstract = _checkpoint_tree(state, [examples.state()] * dist.size)
-  restored = ckpt_lib.restore_latest(manager, abstract, log=log)
-  if restored is not None:
-    step0, tree, meta = restored
-    if int(meta.get("ranks", dist.size)) != dist.size:
-      raise UserError(f"checkpoint step {step0} was written by {meta['ranks']} ranks; rerun "
-                      f"with the same rank count (now {dist.size}) or start a new --workdir")
-    state = TrainState(**{k: tree["train"][k] for k in ("step", "params", "opt_state", "rng")}) \
-        if isinstance(tree["train"], dict) else tree["train"]
-    examples.restore({k: v[dist.rank] for k, v in tree["data"].items()})
-    log(f"resumed from {manager.directory} at step {int(state.step)}")
-  state = parallel.put_on_first_device(state, dist)
+  try:
+    def abstract():  # built only if a checkpoint's meta matches this config
+      return _checkpoint_tree(abstract_state(config, model, tx), [examples.state()] * dist.size)
 
+    restored = ckpt_lib.restore_latest(manager, abstract, log=log,
+                                       check_meta=_meta_checker(config, dist, global_batch))
+    steps = dist.allgather(None if restored is None else int(restored.step))
+    if len(set(steps)) != 1:
+      raise ckpt_lib.CheckpointError(
+          f"ranks restored different checkpoint steps {steps} from {manager.directory}; is it "
+          "on a file system that every rank sees the same way?")
+    if restored is not None:
+      tree = restored.state
+      state = TrainState(**{k: tree["train"][k] for k in ("step", "params", "opt_state", "rng")}) \
+          if isinstance(tree["train"], dict) else tree["train"]
+      examples.restore({k: v[dist.rank] for k, v in tree["data"].items()})
+      if restored.unreadable_steps and dist.is_primary:
+        ckpt_lib.set_aside(manager, restored.unreadable_steps, log)
+      dist.barrier()
+      log(f"resumed from {manager.directory} at step {int(state.step)}")
+    else:
+      state = init_state(config, model, tx, dist)
+    state = parallel.put_on_first_device(state, dist)
+    return _loop(config, workdir, dist, watchdog, log, manager, schedule, examples, step_fn,
+                 state, restored is not None, global_batch)
+  finally:
+    manager.close()
+
+
+def _loop(config, workdir, dist, watchdog, log, manager, schedule, examples, step_fn, state,
+          resumed, global_batch) -> dict:
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  signals = _Signals()
+  if dist.is_primary:
+    _drop_partial_line(metrics_path)
   step = int(state.step)
   acc, t_window, n_window = _zero_acc(), time.perf_counter(), 0
   t_start, step_start = time.perf_counter(), step
-  last_saved = step if restored is not None else -1
+  last_saved = step if resumed else -1
 
-  def save(at_step):
+  def save(at_step, delay_s=0.0):
     nonlocal last_saved
+    watchdog.beat(f"while saving the checkpoint of step {at_step}")
     gathered = dist.allgather(examples.state())
     if dist.is_primary:
+      if delay_s:
+        time.sleep(delay_s)  # tests only: a save slower than the preemption grace
       meta = {**model_meta(config), "ranks": dist.size, "global_batch": global_batch,
               "config": json.loads(config.to_json_best_effort())}
       ckpt_lib.save(manager, at_step, _checkpoint_tree(jax.device_get(state), gathered), meta)
     dist.barrier()
+    watchdog.beat(f"after saving the checkpoint of step {at_step}")
     last_saved = at_step
 
-  try:
-    while step < config.max_steps:
-      t_data = time.perf_counter()
-      batch = examples.next_batch()
-      t_data = time.perf_counter() - t_data
-      if config.debug.perturb_at_step == step and config.debug.perturb_rank == dist.rank:
-        state = state.replace(params=jax.tree_util.tree_map(lambda p: p * 1.001, state.params))
-      state, stats, logits, times = step_fn(state, batch)
-      if config.debug.nan_at_step == step:
-        stats["loss"] = np.float32("nan")
-      examples.update(logits)
-      step += 1
-      loss = float(stats["loss"])
-      if not math.isfinite(loss):
-        raise TrainingDiverged(
-            f"loss is {loss} at step {step}; stopping. The last good checkpoint "
-            f"(step {last_saved if last_saved >= 0 else 'none'}) is kept in "
-            f"{manager.directory}")
-      _accumulate(acc, stats, times, t_data)
-      n_window += 1
-      if step % config.log_every == 0 or step == config.max_steps:
-        now = time.perf_counter()
-        record = _record(acc, n_window, step, float(schedule(step - 1)), global_batch,
-                         now - t_window, dist)
-        if dist.is_primary:
-          _append_jsonl(metrics_path, record)
-          eta = (now - t_start) / max(step - step_start, 1) * (config.max_steps - step)
-          log(f"step {step}/{config.max_steps} loss {record['loss']:.4f} "
-              f"f1 {record['f1']:.3f} lr {record['learning_rate']:.2e} "
-              f"{record['fovs_per_s']:.2f} FOV/s  ETA {_fmt_eta(eta)}")
-        acc, t_window, n_window = _zero_acc(), now, 0
-      if config.sync_check_every and step % config.sync_check_every == 0:
-        _check_sync(dist, state.params, step)
-      preempt = signals.sigterm_at is not None
-      if dist.size > 1:
-        preempt = not dist.all_true(not preempt)
-      if preempt:
-        save(step)
-        raise Preempted(f"SIGTERM: saved checkpoint at step {step} in {manager.directory}; "
-                        "rerun the same command to continue")
-      if step % config.checkpoint_every == 0 and step < config.max_steps:
-        save(step)
-    if last_saved != step:
+  def preempted() -> bool:
+    flag = watchdog.sigterm_at is not None
+    return not dist.all_true(not flag) if dist.size > 1 else flag
+
+  if step < config.max_steps and preempted():
+    raise Preempted(f"SIGTERM before training started; nothing new to save (rerun the same "
+                    f"command to continue from step {step})")
+  watchdog.beat(f"in step {step + 1} (the first of this run compiles)")
+  while step < config.max_steps:
+    t_data = time.perf_counter()
+    batch = examples.next_batch()
+    t_data = time.perf_counter() - t_data
+    if config.debug.perturb_at_step == step and config.debug.perturb_rank == dist.rank:
+      state = state.replace(params=jax.tree_util.tree_map(lambda p: p * 1.001, state.params))
+    state, stats, logits, times = step_fn(state, batch)
+    if config.debug.nan_at_step == step:
+      stats["loss"] = np.float32("nan")
+    examples.update(logits)
+    step += 1
+    watchdog.beat(f"after step {step}")
+    loss = float(stats["loss"])
+    if not math.isfinite(loss):
+      raise TrainingDiverged(
+          f"loss is {loss} at step {step}; stopping. The last good checkpoint "
+          f"(step {last_saved if last_saved >= 0 else 'none'}) is kept in "
+          f"{manager.directory}")
+    _accumulate(acc, stats, times, t_data)
+    n_window += 1
+    if step % config.log_every == 0 or step == config.max_steps:
+      now = time.perf_counter()
+      record = _record(acc, n_window, step, float(schedule(step - 1)), global_batch,
+                       now - t_window, dist)
+      if dist.is_primary:
+        _append_jsonl(metrics_path, record)
+        eta = (now - t_start) / max(step - step_start, 1) * (config.max_steps - step)
+        log(f"step {step}/{config.max_steps} loss {record['loss']:.4f} "
+            f"f1 {record['f1']:.3f} lr {record['learning_rate']:.2e} "
+            f"{record['fovs_per_s']:.2f} FOV/s  ETA {_fmt_eta(eta)}")
+      acc, t_window, n_window = _zero_acc(), now, 0
+    if config.sync_check_every and step % config.sync_check_every == 0:
+      _check_sync(dist, state.params, step)
+    if preempted():
+      save(step, config.debug.get("preempt_save_delay_s", 0.0))
+      raise Preempted(f"SIGTERM: saved checkpoint at step {step} in {manager.directory}; "
+                      "rerun the same command to continue")
+    if step % config.checkpoint_every == 0 and step < config.max_steps:
       save(step)
-  finally:
-    manager.close()
+  if last_saved != step:
+    save(step)
 
   fingerprint = params_fingerprint(jax.device_get(state.params))
   fingerprints = dist.allgather(fingerprint)
@@ -295,10 +459,10 @@ def main(config, workdir: str) -> int:
   except Preempted as e:
     print(str(e), file=sys.stderr, flush=True)
     return EXIT_PREEMPTED
+  except UserError:
+    raise  # bad input, incl. a checkpoint of another config: one line, exit 2 (cli.clean_errors)
   except (TrainingDiverged, ckpt_lib.CheckpointError) as e:
     cli.fail(f"error: {e}", 1)
-  except UserError:
-    raise
   except BaseException:
     # Any other failure on one rank must not leave the others blocked in an allreduce.
     if parallel.mpi_world() is not None:
