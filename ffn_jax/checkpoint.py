@@ -234,6 +234,9 @@ def load_params(directory: str, step: int | None = None):
       print(f"warning: checkpoint step {s} is unreadable ({_first_line(e)}); "
             "falling back to the previous one", file=sys.stderr)
       continue
-    params = jax.tree_util.tree_map(np.asarray, restored.state["params"])
+    tree = restored.state
+    # A params-only checkpoint (imported model) or a training checkpoint {"train": state, ...}.
+    params = tree["params"] if "params" in tree else tree["train"]["params"]
+    params = jax.tree_util.tree_map(np.asarray, params)
     return params, dict(restored.meta or {})
   raise CheckpointError(f"no readable checkpoint in {directory} (tried steps {steps})")

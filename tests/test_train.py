@@ -78,3 +78,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   # debug flag is removed).
   again = run_train(tmp_path, "--config.max_steps=30")
   assert again.returncode == 0 and "resumed" in again.stdout and "step 10" in again.stdout
+
+
+def test_training_workdir_loads_for_inference(tmp_path):
+  from ffn_jax import checkpoint
+  from ffn_jax.model import count_params
+  assert run_train(tmp_path, "--config.max_steps=10").returncode == 0
+  params, meta = checkpoint.load_params(str(tmp_path))
+  assert meta["model"]["depth"] == 2 and count_params(params) > 0
+  assert set(params) == {"conv0_a", "conv0_b", "conv1_a", "conv1_b", "conv_lom"}

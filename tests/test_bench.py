@@ -1,0 +1,184 @@
+"""bench/ training benchmarks: arithmetic, cost model, result assembly, short real runs."""
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, cli_env
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+common = _load("_common")
+scaling = _load("scaling")
+model = _load("scaling_model")
+study = _load("lr_batch_study")
+
+
+def _run(*argv, timeout=120):
+  proc = subprocess.run([sys.executable, *map(str, argv)], cwd=REPO, env=cli_env(),
+                        capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  return proc, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -- arithmetic ---------------------------------------------------------------------------------
+def test_param_and_flop_counts_match_the_model():
+  import jax
+
+  from ffn_jax.model import FFN, count_params, init_params
+  assert common.param_count(12, 32) == 638_433  # Google's FIB-25 model
+  params = init_params(FFN(depth=3, features=8, conv_impl="xla"), jax.random.PRNGKey(0), (9, 9, 9))
+  assert count_params(params) == common.param_count(3, 8)
+  # PERFORMANCE.md counts only the 23 32->32 convs of FIB-25: 45.7 GFLOP per FOV forward.
+  assert common.gflop_forward(12, 32, (33, 33, 33)) == pytest.approx(45.7, rel=0.005)
+
+
+def test_steady_state_skips_warmup_windows():
+  records = [{"step": s, "global_batch": 4, "ranks": 1, "fovs_per_s": 4 / t,
+              "time_step_s": t - 0.1, "time_allreduce_s": 0.05, "time_data_s": 0.02}
+             for s, t in ((1, 30.0), (2, 1.0), (3, 1.2), (4, 1.0))]
+  records.append({"final": True, "step": 4})
+  s = common.steady_state(records, warmup_steps=1)
+  assert s["steps_measured"] == 3 and s["first_measured_step"] == 2
+  assert s["step_wall_s"] == pytest.approx(1.0)
+  assert s["fovs_per_s"] == pytest.approx(4.0)
+  assert s["other_s"] == pytest.approx(1.0 - 0.9 - 0.05 - 0.02)
+  with pytest.raises(ValueError):
+    common.steady_state(records, warmup_steps=4)
+
+
+# -- cost model -----------------------------------------------------------------------------------
+def test_cost_model_is_ideal_without_communication():
+  for nodes in (1, 2, 64, 2048):
+    for algo in model.ALGORITHMS:
+      assert model.projected_efficiency(1.5, nodes, 2.55e6, 0.0, float("inf"), algo) == 1.0
+  assert model.expected_max_normal(1) == 0.0
+  assert model.expected_max_normal(2) == pytest.approx(0.564, abs=0.03)
+
+
+@pytest.mark.parametrize("algo", model.ALGORITHMS)
+def test_cost_model_efficiency_decreases_with_ranks(algo):
+  effs = [model.projected_efficiency(0.5, n, 4 * 638_433, 2e-6, 12.5e9, algo, jitter_cv=0.02)
+          for n in model.node_counts(2048)]
+  assert effs[0] == 1.0
+  assert all(a > b for a, b in zip(effs, effs[1:]))
+  assert 0 < effs[-1] < 1
+
+
+def test_cost_model_formulas_and_fit():
+  n = 4e6
+  # Ring: bandwidth term tends to 2 n / B; tree: the whole message at every level.
+  assert model.allreduce_time("ring", 2, n, 0.0, 1e9) == pytest.approx(n / 1e9)
+  assert model.allreduce_time("tree", 8, n, 1e-6, 1e9) == pytest.approx(6 * (1e-6 + n / 1e9))
+  with pytest.raises(ValueError):
+    model.allreduce_time("butterfly", 4, n, 0.0, 1e9)
+  alpha, beta = model.fit_alpha_beta([4e6, 4, 4e3], [2e-6 + 4e6 / 5e9, 2e-6 + 4 / 5e9,
+                                                     2e-6 + 4e3 / 5e9])
+  assert alpha == pytest.approx(1e-6, rel=1e-3) and 1 / beta == pytest.approx(5e9, rel=1e-3)
+  cv = model.fit_jitter_cv(0.68, 1 / 0.7, 2048, 4 * 638_433, 2e-6, 12.5e9)
+  eff = model.projected_efficiency(1 / 0.7, 2048, 4 * 638_433, 2e-6, 12.5e9, "ring", cv)
+  assert eff == pytest.approx(0.68, abs=1e-4)
+
+
+# -- scaling.py -----------------------------------------------------------------------------------
+def test_scaling_args_plan_and_assembly():
+  args = scaling.parse_args(["--quick", "--config.data.fov_moves=1"])
+  assert args.config == "configs/fib25.py" and args.ranks == [1, 2]
+  assert args.batch_per_rank == 1 and args.global_batch == 2
+  assert args.overrides == ["--config.data.fov_moves=1"]
+  # weak (1,1) (2,1); strong (1,2) (2,1); independent 2 x 1 (its 1 is weak's): shared runs once.
+  assert scaling.plan_runs(args) == [(1, 1, False), (2, 1, False), (1, 2, False), (2, 1, True)]
+  assert scaling.parse_args(["--quick", "--steps", "7"]).steps == 7  # explicit beats --quick
+  cmd = scaling.launch_command(args, 2, 1, "/tmp/w")
+  assert cmd[1:5] == ["-n", "2", "-bind-to", "core:1"] and "--config.batch_size=1" in cmd
+  assert cmd[cmd.index("--workdir") + 1] == "/tmp/w"
+  cmd = scaling.launch_command(args, 2, 1, "/tmp/w", independent=True)
+  assert cmd[5:7] == ["sh", "-c"] and "--workdir" not in cmd[7:]
+  with pytest.raises(SystemExit):
+    scaling.parse_args(["--ranks", "1,3", "--global-batch", "4"])
+
+  def stats(fovs, allreduce):
+    return {"fovs_per_s": fovs, "step_wall_s": 1.0, "compute_s": 0.9, "allreduce_s": allreduce,
+            "data_s": 0.01, "other_s": 0.01, "step_wall_cv": 0.1, "ranks_in_sync": True,
+            "cpu_share": 0.9,
+            "loadavg_before": [1.0], "loadavg_after": [1.0]}
+  runs = {(1, 1, False): stats(1.0, 0.01), (2, 1, False): stats(1.8, 0.05),
+          (1, 2, False): stats(1.1, 0.01), (2, 1, True): stats(1.9, 0.01)}
+  result = scaling.assemble(args, runs)
+  assert result["weak_efficiency"] == pytest.approx(0.9)
+  assert result["independent_efficiency"] == pytest.approx(0.95)
+  assert result["sync_efficiency"] == pytest.approx(0.9 / 0.95)
+  assert result["strong_efficiency"] == pytest.approx(1.8 / 2.2)
+  assert result["allreduce_fraction"] == pytest.approx(0.05)
+  assert [p["ideal_fovs_per_s"] for p in result["weak"]] == pytest.approx([1.0, 2.0])
+
+
+def test_scaling_two_ranks_end_to_end(tmp_path):
+  """One short mpirun -n 2 launch of configs/tiny.py (weak scaling, one rank count)."""
+  if common.mpirun_path() is None:
+    pytest.skip("mpirun not found")
+  _, out = _run("bench/scaling.py", "--config", "configs/tiny.py", "--ranks", "2", "--modes",
+                "weak", "--batch-per-rank", "2", "--steps", "3", "--warmup", "1", "--out",
+                tmp_path, "--timeout", "90", timeout=120)
+  assert out["weak_efficiency"] == pytest.approx(1.0)  # the baseline is the only point
+  assert 0 < out["allreduce_fraction"] < 1
+  saved = json.loads((tmp_path / "scaling.json").read_text())
+  assert saved["weak"][0]["ranks"] == 2 and saved["weak"][0]["ranks_in_sync"]
+  assert (tmp_path / "scaling.png").stat().st_size < 200_000
+
+
+# -- lr_batch_study.py ----------------------------------------------------------------------------
+def test_time_to_f1_from_records():
+  records = [{"step": s, "global_batch": 8, "fovs_per_s": 8.0, "f1": f}
+             for s, f in ((5, 0.1), (10, 0.55), (15, 0.7))]
+  got = study.time_to_f1(records + [{"final": True, "step": 15}], 0.5)
+  assert got == {"steps_to_f1": 10, "examples_to_f1": 80, "seconds_to_f1": pytest.approx(10.0)}
+  assert study.time_to_f1(records, 0.9)["steps_to_f1"] is None
+  # Smoothed over 2 windows: (0.55 + 0.7) / 2 >= 0.6 first at step 15.
+  assert study.time_to_f1(records, 0.6, smooth=2)["steps_to_f1"] == 15
+
+
+def test_lr_batch_study_end_to_end(tmp_path):
+  proc, out = _run("bench/lr_batch_study.py", "--config", "configs/tiny.py", "--batches", "2,4",
+                   "--rules", "none,linear", "--budget-examples", "16", "--val-fovs", "6",
+                   "--f1-target", "0.01", "--f1-smooth", "1", "--out", tmp_path, timeout=90)
+  assert len(out["runs"]) == 4
+  for run in out["runs"]:
+    assert run["status"] == "ok" and run["examples"] >= 16
+    assert run["val_loss"] > 0 and 0 <= run["val_f1"] <= 1
+  by_name = {r["name"]: r for r in out["runs"]}
+  assert by_name["adam_linear_w0_b2"]["lr"] == pytest.approx(by_name["adam_none_w0_b2"]["lr"] / 2)
+  # Same LR, batch and data: the two batch-4 runs (reference batch 4) train identically.
+  assert by_name["adam_linear_w0_b4"]["val_loss"] == by_name["adam_none_w0_b4"]["val_loss"]
+  assert "| adam_none_w0_b2 |" in (tmp_path / "table.md").read_text()
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved["runs"][0]["curve"], "training curves are saved"
+  for png in out["plots"]:
+    assert 0 < (tmp_path / png.split("/")[-1]).stat().st_size < 200_000
+  # A finished study replots (here with another F1 target) without training again.
+  _, again = _run("bench/lr_batch_study.py", "--replot", tmp_path, "--out", tmp_path / "re",
+                  "--f1-target", "2.0", timeout=60)
+  assert len(again["runs"]) == 4 and again["runs"][0]["examples_to_f1"] is None
+  assert (tmp_path / "re" / "lr_batch_study.png").exists()
+
+
+def test_heldout_fovs_have_the_first_step_seed():
+  import numpy as np
+
+  from ffn_jax.model import logit
+  config = common.load_config("configs/tiny.py")
+  fovs = study.heldout_fovs(config, 5, val_seed=7)
+  assert fovs["image"].shape == (5, 9, 9, 9, 1)
+  seed = fovs["seed"][..., 0]
+  assert np.allclose(seed[:, 4, 4, 4], logit(0.95))
+  assert np.isclose(seed, logit(0.05)).sum() == 5 * (9**3 - 1)
+  assert set(np.unique(fovs["labels"])) <= {np.float32(0.05), np.float32(0.95)}
+  assert np.all(fovs["labels"][:, 4, 4, 4, 0] == np.float32(0.95))
