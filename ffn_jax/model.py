@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ffn_jax import conv as conv_lib
+from ffn_jax.ops import fused
 
 
 def logit(p: float) -> float:
@@ -21,18 +21,23 @@ def logit(p: float) -> float:
 
 
 class Conv3D(nn.Module):
-  """SAME 3-D convolution with bias whose compute route is selectable (see ``ffn_jax.conv``)."""
+  """SAME 3-D convolution with bias whose compute route is selectable (see ``ffn_jax.conv``).
+
+  Computes ``relu?(conv(x) + bias [+ residual])``; routes that can fuse the add and the ReLU into
+  the conv kernel do (``ffn_jax.ops.fused``).
+  """
   features: int
   kernel_size: tuple[int, int, int] = (3, 3, 3)
   impl: str = "auto"
 
   @nn.compact
-  def __call__(self, x_BZYXC):
+  def __call__(self, x_BZYXC, residual_BZYXO=None, relu: bool = False):
     cin = x_BZYXC.shape[-1]
     kernel = self.param("kernel", nn.initializers.truncated_normal(stddev=0.01),
                         (*self.kernel_size, cin, self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-    return conv_lib.conv3d(x_BZYXC, kernel, bias, impl=self.impl)
+    return fused.conv3d_block(x_BZYXC, kernel, bias, impl=self.impl, relu=relu,
+                              residual_BZYXO=residual_BZYXO)
 
 
 class FFN(nn.Module):
@@ -51,15 +56,14 @@ class FFN(nn.Module):
   def __call__(self, image_BZYX1, seed_BZYX1):
     conv = lambda name, k=(3, 3, 3), f=self.features: Conv3D(f, k, self.conv_impl, name=name)
     x = jnp.concatenate([image_BZYX1, seed_BZYX1], axis=-1)
-    x = nn.relu(conv("conv0_a")(x))
+    x = conv("conv0_a")(x, relu=True)
     x = conv("conv0_b")(x)
     for i in range(1, self.depth):
       h = nn.relu(x)
-      h = nn.relu(conv(f"conv{i}_a")(h))
-      h = conv(f"conv{i}_b")(h)
-      x = x + h
-    update_BZYX1 = conv("conv_lom", (1, 1, 1), 1)(nn.relu(x))
-    return seed_BZYX1 + update_BZYX1
+      h = conv(f"conv{i}_a")(h, relu=True)
+      x = conv(f"conv{i}_b")(h, residual_BZYXO=x)  # x + conv(h)
+    # seed + update, the update being the 1x1x1 conv.
+    return conv("conv_lom", (1, 1, 1), 1)(nn.relu(x), residual_BZYXO=seed_BZYX1)
 
 
 def init_params(model: FFN, rng, fov_size_zyx) -> dict:

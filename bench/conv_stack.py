@@ -1,0 +1,364 @@
+"""Times the FFN conv stack: our conv routes against Keras/TensorFlow and PyTorch on CPU.
+
+Forward (inference) and a training step (forward + backward + plain SGD update) of the FIB-25
+stack (depth 12, 32 features, FOV 33^3, channels-last, SAME, biases) at batch 1 and 4, for each
+``ffn_jax`` conv route and, in the same process, the same architecture in Keras 3 on TensorFlow
+(oneDNN) and PyTorch (default NCDHW and channels_last_3d). Runs alternate between
+implementations (the order rotates every round), so a load change on a shared machine hits all
+of them alike; each number is the median of ``--repeats`` runs after warm-up.
+
+    python bench/conv_stack.py            # everything (~10 min on 2 cores)
+    python bench/conv_stack.py --quick    # batch 4, onednn vs TF vs torch, < 2 min
+
+Peers come from ``pip install -e .[compare]``; missing ones are reported and skipped (their
+ratios are then null). GFLOP/s counts 45.7 GFLOP per FOV forward (the 23 32->32 convs) and 3x
+that for a training step. Speed ratio = peer time / our time, > 1 means ours is faster. The last
+line of output is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+# Before jax is imported: keep XLA's 2-D convs (im2col_kz route) out of YNNPACK, which is slower
+# here (PERFORMANCE.md). Affects only that route; the flag is reported in the output.
+_YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=dot"
+
+LR = 1e-3
+
+
+def _parse():
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--quick", action="store_true", help="batch 4, onednn + TF + torch, < 2 min")
+  p.add_argument("--batches", default="1,4")
+  p.add_argument("--routes", default="xla,im2col_kz,onednn,onednn_bf16",
+                 help="ffn_jax conv routes, comma-separated")
+  p.add_argument("--peers", default="tf,torch,torch_cl3d",
+                 help="tf (Keras 3 on TensorFlow), torch (NCDHW), torch_cl3d (channels_last_3d)")
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--warmup", type=int, default=2, help="untimed runs per implementation")
+  p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+  p.add_argument("--fov", type=int, default=33)
+  p.add_argument("--depth", type=int, default=12)
+  p.add_argument("--features", type=int, default=32)
+  p.add_argument("--no-ynn-flag", action="store_true", help=f"do not add {_YNN_FLAG}")
+  args = p.parse_args()
+  if args.quick:
+    args.batches, args.routes, args.peers, args.warmup = "4", "onednn", "tf,torch", 1
+  args.batches = [int(b) for b in args.batches.split(",")]
+  args.routes = [r for r in args.routes.split(",") if r]
+  args.peers = [r for r in args.peers.split(",") if r]
+  return args
+
+
+def gflop_forward(fov: int, depth: int, features: int) -> float:
+  """GFLOP per FOV of the 2*depth-1 features->features 3^3 convs (45.7 for FIB-25)."""
+  return 2 * fov**3 * 27 * features * features * (2 * depth - 1) / 1e9
+
+
+def make_data(batch, fov, seed=0):
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed)
+  shape = (batch, fov, fov, fov, 1)
+  image = rng.random(shape, dtype=np.float32)
+  seed_logits = rng.normal(0.0, 1.0, shape).astype(np.float32)
+  labels = (rng.random(shape) > 0.5).astype(np.float32)
+  return image, seed_logits, labels
+
+
+# ----------------------------------------------------------------------------------- ours (JAX)
+def jax_runner(route, batch, args):
+  import functools  # pylint: disable=import-outside-toplevel
+
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+
+  from ffn_jax import model as model_lib  # pylint: disable=import-outside-toplevel
+
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  model = model_lib.FFN(depth=args.depth, features=args.features, conv_impl=route)
+  shapes = jax.eval_shape(
+      lambda: model_lib.init_params(model, jax.random.PRNGKey(0), (args.fov,) * 3))
+  # The model's init scale, drawn with numpy: compiling jax.random's threefry takes >10 s here.
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(
+      lambda s: jnp.asarray(rng.normal(0, 0.01, s.shape).astype(np.float32)), shapes)
+  image, seed, labels = (jnp.asarray(a) for a in make_data(batch, args.fov))
+
+  @jax.jit
+  def forward(params, image, seed):
+    return model.apply({"params": params}, image, seed)
+
+  def loss_fn(params, image, seed, labels):
+    logits = model.apply({"params": params}, image, seed)
+    return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels))
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def train_step(params, image, seed, labels):
+    loss, grads = jax.value_and_grad(loss_fn)(params, image, seed, labels)
+    return jax.tree.map(lambda p, g: p - LR * g, params, grads), loss
+
+  state = {"params": params}
+
+  def run_forward():
+    forward(state["params"], image, seed).block_until_ready()
+
+  def run_train():
+    state["params"], loss = train_step(state["params"], image, seed, labels)
+    loss.block_until_ready()
+
+  return run_forward, run_train
+
+
+# ------------------------------------------------------------------------ Keras 3 / TensorFlow
+def tf_runner(batch, args):
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  import keras  # pylint: disable=import-outside-toplevel
+  from keras import layers  # pylint: disable=import-outside-toplevel
+
+  fov, f = args.fov, args.features
+  image_in = keras.Input((fov, fov, fov, 1), batch_size=batch)
+  seed_in = keras.Input((fov, fov, fov, 1), batch_size=batch)
+  conv = lambda n, k=3, act=None: layers.Conv3D(n, k, padding="same", activation=act)
+  x = layers.Concatenate()([image_in, seed_in])
+  x = conv(f, act="relu")(x)
+  x = conv(f)(x)
+  for _ in range(1, args.depth):
+    h = layers.ReLU()(x)
+    h = conv(f, act="relu")(h)
+    h = conv(f)(h)
+    x = layers.Add()([x, h])
+  out = layers.Add()([seed_in, conv(1, 1)(layers.ReLU()(x))])
+  model = keras.Model([image_in, seed_in], out)
+  optimizer = keras.optimizers.SGD(LR)
+  image, seed, labels = (tf.constant(a) for a in make_data(batch, fov))
+
+  @tf.function
+  def forward(image, seed):
+    return model([image, seed], training=False)
+
+  @tf.function
+  def train_step(image, seed, labels):
+    with tf.GradientTape() as tape:
+      logits = model([image, seed], training=True)
+      loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels, logits))
+    grads = tape.gradient(loss, model.trainable_variables)
+    optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    return loss
+
+  return (lambda: forward(image, seed).numpy()), (lambda: train_step(image, seed, labels).numpy())
+
+
+# ------------------------------------------------------------------------------------ PyTorch
+def torch_runner(batch, args, channels_last: bool):
+  import torch  # pylint: disable=import-outside-toplevel
+  from torch import nn  # pylint: disable=import-outside-toplevel
+  import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
+
+  f = args.features
+
+  class TorchFFN(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.conv0_a = nn.Conv3d(2, f, 3, padding=1)
+      self.conv0_b = nn.Conv3d(f, f, 3, padding=1)
+      self.blocks = nn.ModuleList(
+          nn.ModuleList([nn.Conv3d(f, f, 3, padding=1), nn.Conv3d(f, f, 3, padding=1)])
+          for _ in range(1, args.depth))
+      self.conv_lom = nn.Conv3d(f, 1, 1)
+
+    def forward(self, image, seed):
+      x = self.conv0_b(F.relu(self.conv0_a(torch.cat([image, seed], 1))))
+      for conv_a, conv_b in self.blocks:
+        x = x + conv_b(F.relu(conv_a(F.relu(x))))
+      return seed + self.conv_lom(F.relu(x))
+
+  fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+  model = TorchFFN().to(memory_format=fmt)
+  to_ncdhw = lambda a: torch.from_numpy(a).permute(0, 4, 1, 2, 3).contiguous(memory_format=fmt)
+  image, seed, labels = (to_ncdhw(a) for a in make_data(batch, args.fov))
+  params = list(model.parameters())
+
+  def run_forward():
+    with torch.inference_mode():
+      model(image, seed)
+
+  def run_train():
+    loss = F.binary_cross_entropy_with_logits(model(image, seed), labels)
+    loss.backward()
+    # Plain SGD by hand: torch.optim imports torch._dynamo -> triton, whose LLVM crashes when
+    # jaxlib's is already loaded in the process. The update is the same.
+    with torch.no_grad():
+      torch._foreach_add_(params, [p.grad for p in params], alpha=-LR)  # pylint: disable=protected-access
+    for p in params:
+      p.grad = None
+
+  return run_forward, run_train
+
+
+# ----------------------------------------------------------------------------------- harness
+def setup_peers(args):
+  """Imports peers with the thread count set; returns {name: factory(batch)} and notes."""
+  factories, notes = {}, []
+  if "tf" in args.peers:
+    try:
+      import tensorflow as tf  # pylint: disable=import-outside-toplevel
+      tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+      tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+      factories["tf"] = lambda b: tf_runner(b, args)
+      notes.append(f"tensorflow {tf.__version__} (oneDNN opts "
+                   f"{os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'default on')})")
+    except ImportError as e:
+      notes.append(f"tensorflow missing ({e}); pip install -e .[compare]")
+  torch_peers = [p for p in args.peers if p in ("torch", "torch_cl3d")]
+  if torch_peers:
+    try:
+      import torch  # pylint: disable=import-outside-toplevel
+      torch.set_num_threads(args.threads)
+      for p in torch_peers:
+        factories[p] = (lambda cl: lambda b: torch_runner(b, args, cl))(p == "torch_cl3d")
+      notes.append(f"torch {torch.__version__} (mkldnn {torch.backends.mkldnn.is_available()})")
+    except ImportError as e:
+      notes.append(f"torch missing ({e}); pip install -e .[compare]")
+  return factories, notes
+
+
+def setup_routes(args):
+  from ffn_jax import conv as conv_lib  # pylint: disable=import-outside-toplevel
+  from ffn_jax.ops import onednn  # pylint: disable=import-outside-toplevel
+  factories, notes = {}, []
+  for route in args.routes:
+    try:
+      conv_lib.resolve(route)
+    except ValueError as e:
+      notes.append(f"route {route} skipped: {e}")
+      continue
+    factories[route] = (lambda r: lambda b: jax_runner(r, b, args))(route)
+  if onednn.available():
+    onednn.set_num_threads(args.threads)
+    notes.append(f"oneDNN {onednn.version()}, impls fwd;bwd_data;bwd_weights = "
+                 f"{onednn.impl_info((4, args.fov, args.fov, args.fov, args.features), args.features)}")
+  return factories, notes
+
+
+def time_alternating(runners, repeats, warmup):
+  """{name: ([wall s], [cpu s])}, timing each runner once per round, rotating the order.
+
+  CPU time is the whole process's (all threads). On a loaded machine wall time mostly measures
+  the neighbours; CPU time / threads is then the better estimate of the idle wall time.
+  """
+  names = list(runners)
+  for name in names:  # warm-up: compile, allocate, let oneDNN/TF pick kernels
+    for _ in range(warmup):
+      runners[name]()
+  times = {n: ([], []) for n in names}
+  for r in range(repeats):
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      c, t = time.process_time(), time.perf_counter()
+      runners[name]()
+      times[name][0].append(time.perf_counter() - t)
+      times[name][1].append(time.process_time() - c)
+  return times
+
+
+def main():
+  args = _parse()
+  if not args.no_ynn_flag and _YNN_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _YNN_FLAG).strip()
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  load_start = os.getloadavg()
+  t_start = time.time()
+  ours, notes = setup_routes(args)
+  peers, peer_notes = setup_peers(args)
+  notes += peer_notes
+  import jax  # pylint: disable=import-outside-toplevel
+  notes.insert(0, f"jax {jax.__version__}, python {platform.python_version()}, "
+                  f"threads {args.threads}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+
+  gf = gflop_forward(args.fov, args.depth, args.features)
+  rows = []  # (batch, mode, name, median wall s, median cpu s)
+  for batch in args.batches:
+    runners = {}
+    for name, factory in {**ours, **peers}.items():
+      fwd, train = factory(batch)
+      runners[(name, "forward")] = fwd
+      runners[(name, "train")] = train
+    for mode in ("forward", "train"):
+      sel = {n: runners[(n, mode)] for n in [*ours, *peers]}
+      for name, (ts, cs) in time_alternating(sel, args.repeats, args.warmup).items():
+        rows.append((batch, mode, name, statistics.median(ts), statistics.median(cs)))
+    del runners
+
+  def median(batch, mode, name, cpu=False):
+    for b, m, n, t, c in rows:
+      if (b, m, n) == (batch, mode, name):
+        return c if cpu else t
+    return None
+
+  f32_routes = [r for r in ours if not r.endswith("bf16")]
+  print("\n# FFN conv stack, ms per FOV (median of %d), GFLOP/s, speed vs best peer "
+        "(>1: ours faster)" % args.repeats)
+  for n in notes:
+    print("#", n)
+  header = (f"{'batch':>5} {'mode':>8} {'impl':>12} {'ms/FOV':>9} {'GFLOP/s':>8} {'vs peer':>8} "
+            f"{'cpu ms/FOV':>10} {'cpu vs peer':>11}")
+  print(header)
+  print("-" * len(header))
+  result = {}
+  for batch in args.batches:
+    for mode in ("forward", "train"):
+      flops = gf * (3 if mode == "train" else 1)
+      peer_times = {p: median(batch, mode, p) for p in peers}
+      best_peer = min(peer_times, key=peer_times.get) if peer_times else None
+      peer_cpu = {p: median(batch, mode, p, cpu=True) for p in peers}
+      best_cpu_peer = min(peer_cpu, key=peer_cpu.get) if peer_cpu else None
+      for name in [*ours, *peers]:
+        t = median(batch, mode, name) / batch
+        c = median(batch, mode, name, cpu=True) / batch
+        ratio = cpu_ratio = ""
+        if best_peer and name in ours:
+          ratio = f"{peer_times[best_peer] / batch / t:.3f}"
+          cpu_ratio = f"{peer_cpu[best_cpu_peer] / batch / c:.3f}"
+        print(f"{batch:>5} {mode:>8} {name:>12} {t * 1e3:>9.1f} {flops / t:>8.1f} {ratio:>8} "
+              f"{c * 1e3:>10.1f} {cpu_ratio:>11}")
+      ours_best = min(f32_routes, key=lambda r: median(batch, mode, r)) if f32_routes else None
+      key = "forward" if mode == "forward" else "train"
+      entry = {
+          "best_route": ours_best,
+          "ms_per_fov": {n: round(median(batch, mode, n) / batch * 1e3, 2) for n in [*ours, *peers]},
+          "cpu_ms_per_fov": {n: round(median(batch, mode, n, cpu=True) / batch * 1e3, 2)
+                             for n in [*ours, *peers]},
+          "best_peer": best_peer,
+          "ratio_vs_best_peer": (round(peer_times[best_peer] / median(batch, mode, ours_best), 4)
+                                 if best_peer and ours_best else None),
+          "cpu_ratio_vs_best_peer": (
+              round(peer_cpu[best_cpu_peer] / median(batch, mode, ours_best, cpu=True), 4)
+              if best_cpu_peer and ours_best else None),
+      }
+      result[f"{key}_b{batch}"] = entry
+  load_end = os.getloadavg()
+  print(f"# load average at start {load_start[0]:.2f}, at end {load_end[0]:.2f}; "
+        f"wall {time.time() - t_start:.0f} s")
+  b4 = 4 if 4 in args.batches else args.batches[-1]
+  summary = {
+      "forward_ratio_vs_best_peer": result[f"forward_b{b4}"]["ratio_vs_best_peer"],
+      "train_ratio_vs_best_peer": result[f"train_b{b4}"]["ratio_vs_best_peer"],
+      "forward_cpu_ratio_vs_best_peer": result[f"forward_b{b4}"]["cpu_ratio_vs_best_peer"],
+      "train_cpu_ratio_vs_best_peer": result[f"train_b{b4}"]["cpu_ratio_vs_best_peer"],
+      "ratio_batch": b4,
+      "load_avg_start_end": [round(load_start[0], 2), round(load_end[0], 2)],
+      **result,
+  }
+  print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+  main()
