@@ -1,0 +1,146 @@
+"""Turning a config into what the training loop needs: validated fields, the per-device batch,
+the training volumes and the recurrent example pipeline of this rank."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ffn_jax import parallel
+from ffn_jax.data import partitions, synthetic
+from ffn_jax.data.examples import RecurrentExamples
+from ffn_jax.data.volumes import open_volume
+from ffn_jax.errors import UserError
+
+
+# -- config --------------------------------------------------------------------------------------
+def validate_config(config) -> None:
+  """Refuses values that would fail later with a traceback (wrong type, zero, wrong length).
+
+  Raises:
+    UserError: naming the field, what it needs, and what it got.
+  """
+  def need(ok, name, what, value):
+    if not ok:
+      raise UserError(f"config.{name} must be {what}, got {value!r}")
+
+  def integer(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+  def number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+  def zyx(name, value, minimum, allow_empty=False):
+    if allow_empty and isinstance(value, (tuple, list)) and not value:
+      return
+    ok = (isinstance(value, (tuple, list)) and len(value) == 3
+          and all(integer(v) and v >= minimum for v in value))
+    need(ok, name, f"3 integers >= {minimum} (z, y, x)" + (" or ()" if allow_empty else ""),
+         value)
+
+  for name, minimum in (("batch_size", 1), ("max_steps", 0), ("log_every", 1),
+                        ("checkpoint_every", 1), ("keep_checkpoints", 1), ("sync_check_every", 0),
+                        ("model.depth", 1), ("model.features", 1), ("data.fov_moves", 0),
+                        ("data.min_size", 0)):
+    section, _, field = name.rpartition(".")
+    value = (config[section] if section else config)[field]
+    need(integer(value) and value >= minimum, name, f"an integer >= {minimum}", value)
+  need(integer(configured_global_batch(config)) and configured_global_batch(config) >= 0, "global_batch",
+       "an integer >= 0 (0 = batch_size per device)", configured_global_batch(config))
+  need(number(config.preemption_grace_s) and config.preemption_grace_s > 0,
+       "preemption_grace_s", "a number of seconds > 0", config.preemption_grace_s)
+  need(number(configured_step_timeout_s(config)) and configured_step_timeout_s(config) >= 0,
+       "step_timeout_s", "a number of seconds >= 0 (0 = off)", configured_step_timeout_s(config))
+  need(number(config.data.image_stddev) and config.data.image_stddev > 0,
+       "data.image_stddev", "a number > 0", config.data.image_stddev)
+  zyx("model.fov_size_zyx", config.model.fov_size_zyx, 1)
+  zyx("model.deltas_zyx", config.model.deltas_zyx, 0)
+  zyx("data.lom_radius_zyx", config.data.lom_radius_zyx, 0)
+  zyx("data.box_start_zyx", config.data.box_start_zyx, 0)
+  zyx("data.box_size_zyx", config.data.box_size_zyx, 1, allow_empty=True)
+  zyx("data.synthetic_shape_zyx", config.data.synthetic_shape_zyx, 1)
+
+
+# Fields added after the first configs were written: configs of one's own may lack them.
+def configured_global_batch(config) -> int:
+  return config.get("global_batch", 0)
+
+
+def configured_step_timeout_s(config) -> float:
+  return config.get("step_timeout_s", 0.0)
+
+
+def batch_per_device(config, dist: parallel.Dist) -> int:
+  """Examples per local device: ``batch_size``, or ``global_batch`` split over every device.
+
+  Raises:
+    UserError: ``global_batch`` does not divide evenly over ranks x local devices.
+  """
+  replicas = dist.size * dist.local_devices
+  global_batch = configured_global_batch(config)
+  if global_batch <= 0:
+    return config.batch_size
+  if global_batch % replicas:
+    raise UserError(
+        f"global_batch={global_batch} cannot be split evenly over {dist.size} rank(s) x "
+        f"{dist.local_devices} local device(s) = {replicas}; use a multiple of {replicas} or "
+        "another rank count")
+  return global_batch // replicas
+
+
+# -- data ----------------------------------------------------------------------------------------
+def load_training_volumes(config):
+  """(float32 normalized image, labels) of the training region, validated."""
+  d = config.data
+  if not d.image and not d.labels:
+    image, labels = synthetic.make_volume(d.synthetic_shape_zyx, d.synthetic_objects,
+                                          d.synthetic_seed)
+  elif not d.image or not d.labels:
+    raise UserError("set both data.image and data.labels (or neither, for synthetic data)")
+  else:
+    image_vol, label_vol = open_volume(d.image), open_volume(d.labels)
+    if image_vol.shape != label_vol.shape:
+      raise UserError(f"image {image_vol.name} has shape {image_vol.shape} but labels "
+                      f"{label_vol.name} have shape {label_vol.shape} (zyx)")
+    if label_vol.dtype.kind not in "iu":
+      raise UserError(f"labels {label_vol.name} have dtype {label_vol.dtype}; "
+                      "labels must be integer object IDs")
+    shape = np.asarray(image_vol.shape)
+    start = np.asarray(d.box_start_zyx, int)
+    if np.any(start >= shape):
+      raise UserError(f"data.box_start_zyx {tuple(d.box_start_zyx)} lies outside the volumes of "
+                      f"shape {tuple(shape.tolist())} (zyx)")
+    size = np.asarray(d.box_size_zyx, int) if len(d.box_size_zyx) else shape - start
+    size = np.minimum(size, shape - start)
+    image = image_vol.read(start, size)
+    labels = label_vol.read(start, size)
+  if labels.dtype.kind not in "iu":
+    raise UserError(f"labels have dtype {labels.dtype}; labels must be integer object IDs")
+  block = (np.asarray(config.model.fov_size_zyx)
+           + 2 * np.asarray(config.model.deltas_zyx) * d.fov_moves)
+  if np.any(np.asarray(labels.shape) < block):
+    raise UserError(f"training volume of shape {labels.shape} is smaller than one training "
+                    f"example (FOV + 2 x deltas x fov_moves = {tuple(block)}, zyx)")
+  image = (image.astype(np.float32) - d.image_mean) / d.image_stddev
+  return image, labels, block
+
+
+def build_examples(config, dist: parallel.Dist, workdir: str, log,
+                   per_device: int) -> RecurrentExamples:
+  image, labels, block = load_training_volumes(config)
+  d = config.data
+  margin = tuple(int(b) // 2 for b in block)
+  cache = os.path.join(workdir, "cache") if dist.is_primary else None
+  if dist.is_primary:
+    coords = partitions.cached_coordinates(
+        labels, d.thresholds, d.lom_radius_zyx, d.min_size, margin, cache, log)
+  dist.barrier()
+  if not dist.is_primary:
+    coords = partitions.cached_coordinates(
+        labels, d.thresholds, d.lom_radius_zyx, d.min_size, margin,
+        os.path.join(workdir, "cache"), log)
+  sampler = partitions.BalancedSampler(coords, config.seed, dist.rank, dist.size)
+  return RecurrentExamples(
+      image, labels, sampler, per_device * dist.local_devices,
+      config.model.fov_size_zyx, config.model.deltas_zyx, d.fov_moves, d.move_threshold,
+      d.augment, config.seed, dist.rank)
