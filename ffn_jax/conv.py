@@ -62,11 +62,6 @@ _APPROX_ROUTES: dict[str, Callable] = {"onednn_bf16": _onednn.conv3d_bf16}
 _NEEDS_ONEDNN = ("onednn", "onednn_bf16")
 
 
-def register_route(name: str, fn: Callable) -> None:
-  """Adds a conv route ``fn(x_BZYXC, kernel_ZYXIO, precision) -> y`` under ``name``."""
-  _ROUTES[name] = fn
-
-
 def available_routes() -> list[str]:
   """Routes usable here (``onednn`` only where its extension builds and loads)."""
   return ["auto", *(r for r in _ROUTES if r not in _NEEDS_ONEDNN or _onednn.available())]

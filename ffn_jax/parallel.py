@@ -68,9 +68,6 @@ class Dist:
     self.comm.Bcast(buf, root=0)
     return jax.tree_util.tree_map(np.asarray, unravel(buf))
 
-  def bcast(self, obj):
-    return obj if self.comm is None else self.comm.bcast(obj, root=0)
-
   def all_true(self, flag: bool) -> bool:
     return all(self.allgather(bool(flag)))
 

@@ -44,9 +44,6 @@ class Volume:
       text = " ".join(str(e).split())[:300] or type(e).__name__
       raise UserError(f"cannot read {box} of volume {self.name}: {text}") from None
 
-  def to_numpy(self) -> np.ndarray:
-    return self.read()
-
 
 def _abs_kvstore(spec: dict) -> dict:
   """tensorstore refuses relative file paths containing '..': absolutize them."""
