@@ -14,6 +14,7 @@ as a step (and is removed the next time the manager is created for writing).
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Any, Callable, NamedTuple
@@ -155,16 +156,23 @@ def _warn_unreadable(log, step, e: Exception) -> None:
 _hook_installed = False
 
 
+def _drop_unretrieved_task_errors(record: logging.LogRecord) -> bool:
+  return not str(record.msg).partition("\n")[0].endswith("exception was never retrieved")
+
+
 def _quiet_closed_loop_noise() -> None:
   """Hides tensorstore's late "Event loop is closed" callbacks after a failed restore.
 
   When one read of a checkpoint fails, orbax closes its asyncio loop while other reads are still
   in flight; their completion callbacks then raise RuntimeError in tensorstore threads, which
-  Python prints as dozens of tracebacks (through ``sys.unraisablehook``). They are harmless.
+  Python prints as dozens of tracebacks (through ``sys.unraisablehook``). The sibling reads that
+  failed too are garbage-collected unawaited and asyncio logs them ("Task exception was never
+  retrieved"). Both are harmless: the failure was already reported once.
   """
   global _hook_installed
   if _hook_installed:
     return
+  logging.getLogger("asyncio").addFilter(_drop_unretrieved_task_errors)
   previous = sys.unraisablehook
 
   def hook(unraisable):
