@@ -261,8 +261,8 @@ def _loop(config, workdir, dist, watchdog, log, manager, schedule, examples, ste
   if last_saved != step:
     save(step)
 
-  fingerprint = params_fingerprint(jax.device_get(state.params))
-  fingerprints = dist.allgather(fingerprint)
+  fingerprints = _rank_fingerprints(dist, state.params)
+  fingerprint = fingerprints[dist.rank]
   final = {"final": True, "step": step, "params_fingerprint": fingerprint,
            "rank_fingerprints": fingerprints, "ranks": dist.size,
            "local_devices": dist.local_devices, "global_batch": global_batch,
@@ -275,10 +275,15 @@ def _loop(config, workdir, dist, watchdog, log, manager, schedule, examples, ste
   return final
 
 
+def _rank_fingerprints(dist, params) -> list[str]:
+  """Every rank's ``params_fingerprint``, in rank order, on every rank."""
+  return dist.allgather(params_fingerprint(jax.device_get(params)))
+
+
 def _check_sync(dist, params, step) -> None:
   if dist.size == 1:
     return
-  prints = dist.allgather(params_fingerprint(jax.device_get(params)))
+  prints = _rank_fingerprints(dist, params)
   if len(set(prints)) != 1:
     bad = [r for r, p in enumerate(prints) if p != prints[0]]
     raise TrainingDiverged(f"ranks diverged at step {step}: parameters of rank(s) {bad} differ "
