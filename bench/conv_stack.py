@@ -2,10 +2,15 @@
 
 Forward (inference) and a training step (forward + backward + plain SGD update) of the FIB-25
 stack (depth 12, 32 features, FOV 33^3, channels-last, SAME, biases) at batch 1 and 4, for each
-``ffn_jax`` conv route and, in the same process, the same architecture in Keras 3 on TensorFlow
-(oneDNN) and PyTorch (default NCDHW and channels_last_3d). Runs alternate between
-implementations (the order rotates every round), so a load change on a shared machine hits all
-of them alike; each number is the median of ``--repeats`` runs after warm-up.
+``ffn_jax`` conv route and the same architecture in Keras 3 on TensorFlow (oneDNN) and PyTorch
+(default NCDHW and channels_last_3d). Each implementation runs in its own worker process (only its
+framework imported, its own allocator and thread pools, as its users run it; idle while the
+others run). Runs alternate between implementations (the order rotates every round), so a load
+change on a shared machine hits all of them alike; each number is the median of ``--repeats``
+runs after warm-up.
+
+Memory: ffn_jax keeps freed host memory for reuse (``ffn_jax/host_memory.py``); peers run with
+glibc's defaults unless ``--peer-malloc=retain`` gives them the same settings.
 
     python bench/conv_stack.py            # everything (~10 min on 2 cores)
     python bench/conv_stack.py --quick    # batch 4, onednn vs TF vs torch, < 2 min
@@ -22,7 +27,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 # Before jax is imported: keep XLA's 2-D convs (im2col_kz route) out of YNNPACK, which is slower
@@ -47,6 +54,13 @@ def _parse():
   p.add_argument("--depth", type=int, default=12)
   p.add_argument("--features", type=int, default=32)
   p.add_argument("--no-ynn-flag", action="store_true", help=f"do not add {_YNN_FLAG}")
+  p.add_argument("--peer-malloc", choices=("default", "retain"), default="default",
+                 help="peers run with glibc's default malloc (as their users run them) or with "
+                      "the settings ffn_jax applies to itself (ffn_jax/host_memory.py)")
+  p.add_argument("--our-malloc", choices=("retain", "default"), default="retain",
+                 help="ffn_jax's own setting (default: retain, as on import) or glibc's default")
+  p.add_argument("--worker", help=argparse.SUPPRESS)
+  p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.quick:
     args.batches, args.routes, args.peers, args.warmup = "4", "onednn", "tf,torch", 1
@@ -194,8 +208,7 @@ def torch_runner(batch, args, channels_last: bool):
   def run_train():
     loss = F.binary_cross_entropy_with_logits(model(image, seed), labels)
     loss.backward()
-    # Plain SGD by hand: torch.optim imports torch._dynamo -> triton, whose LLVM crashes when
-    # jaxlib's is already loaded in the process. The update is the same.
+    # Plain SGD by hand, the same update as the others (torch.optim would import torch._dynamo).
     with torch.no_grad():
       torch._foreach_add_(params, [p.grad for p in params], alpha=-LR)  # pylint: disable=protected-access
     for p in params:
@@ -204,98 +217,171 @@ def torch_runner(batch, args, channels_last: bool):
   return run_forward, run_train
 
 
-# ----------------------------------------------------------------------------------- harness
-def setup_peers(args):
-  """Imports peers with the thread count set; returns {name: factory(batch)} and notes."""
-  factories, notes = {}, []
-  if "tf" in args.peers:
-    try:
-      import tensorflow as tf  # pylint: disable=import-outside-toplevel
-      tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-      tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-      factories["tf"] = lambda b: tf_runner(b, args)
-      notes.append(f"tensorflow {tf.__version__} (oneDNN opts "
-                   f"{os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'default on')})")
-    except ImportError as e:
-      notes.append(f"tensorflow missing ({e}); pip install -e .[compare]")
-  torch_peers = [p for p in args.peers if p in ("torch", "torch_cl3d")]
-  if torch_peers:
-    try:
-      import torch  # pylint: disable=import-outside-toplevel
-      torch.set_num_threads(args.threads)
-      for p in torch_peers:
-        factories[p] = (lambda cl: lambda b: torch_runner(b, args, cl))(p == "torch_cl3d")
-      notes.append(f"torch {torch.__version__} (mkldnn {torch.backends.mkldnn.is_available()})")
-    except ImportError as e:
-      notes.append(f"torch missing ({e}); pip install -e .[compare]")
-  return factories, notes
+# ----------------------------------------------------------------------------------- workers
+# glibc settings equivalent to ffn_jax.host_memory.retain_freed_memory, as environment variables
+# (glibc reads them at process start), for --peer-malloc=retain.
+RETAIN_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
+              "MALLOC_TRIM_THRESHOLD_": str(2**62)}
+PEERS = ("tf", "torch", "torch_cl3d")
 
 
-def setup_routes(args):
+def build_runners(impl, batch, args):
+  """(forward, train, note) for one implementation, with the thread count applied."""
+  if impl == "tf":
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    note = (f"tensorflow {tf.__version__} (oneDNN opts "
+            f"{os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'default on')})")
+    return (*tf_runner(batch, args), note)
+  if impl in ("torch", "torch_cl3d"):
+    import torch  # pylint: disable=import-outside-toplevel
+    torch.set_num_threads(args.threads)
+    note = f"torch {torch.__version__} (mkldnn {torch.backends.mkldnn.is_available()})"
+    return (*torch_runner(batch, args, impl == "torch_cl3d"), note)
+  import jax  # pylint: disable=import-outside-toplevel
+
   from ffn_jax import conv as conv_lib  # pylint: disable=import-outside-toplevel
+  from ffn_jax import host_memory  # pylint: disable=import-outside-toplevel
   from ffn_jax.ops import onednn  # pylint: disable=import-outside-toplevel
-  factories, notes = {}, []
-  for route in args.routes:
-    try:
-      conv_lib.resolve(route)
-    except ValueError as e:
-      notes.append(f"route {route} skipped: {e}")
-      continue
-    factories[route] = (lambda r: lambda b: jax_runner(r, b, args))(route)
-  if onednn.available():
+  conv_lib.resolve(impl)  # ValueError where the route cannot run here
+  note = (f"jax {jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+          f"host memory retention: {host_memory.status()}")
+  if impl.startswith("onednn"):
     onednn.set_num_threads(args.threads)
-    notes.append(f"oneDNN {onednn.version()}, impls fwd;bwd_data;bwd_weights = "
-                 f"{onednn.impl_info((4, args.fov, args.fov, args.fov, args.features), args.features)}")
-  return factories, notes
+    fov = args.fov
+    note += (f"; oneDNN {onednn.version()}, impls fwd;bwd_data;bwd_weights = "
+             f"{onednn.impl_info((batch, fov, fov, fov, args.features), args.features)}")
+  return (*jax_runner(impl, batch, args), note)
 
 
-def time_alternating(runners, repeats, warmup):
-  """{name: ([wall s], [cpu s])}, timing each runner once per round, rotating the order.
+def worker_main(args):
+  """``--worker IMPL``: builds one implementation, warms it up, then runs 'forward'/'train' per
+  line of stdin and answers each with one JSON line of wall and process CPU seconds."""
+  # The protocol owns the original stdout; anything the frameworks print goes to stderr.
+  proto = os.fdopen(os.dup(1), "w", buffering=1)
+  os.dup2(2, 1)
+  try:
+    fwd, train, note = build_runners(args.worker, args.batch, args)
+    runs = {"forward": fwd, "train": train}
+    for run in runs.values():  # compile, allocate, let oneDNN/TF pick kernels
+      for _ in range(args.warmup):
+        run()
+  except (ImportError, ValueError, RuntimeError) as e:
+    proto.write(json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n")
+    return
+  proto.write(json.dumps({"ready": True, "note": note, "pid": os.getpid()}) + "\n")
+  for line in sys.stdin:
+    mode = line.strip()
+    if mode not in runs:
+      break
+    c, t = time.process_time(), time.perf_counter()
+    runs[mode]()
+    proto.write(json.dumps({"wall": time.perf_counter() - t, "cpu": time.process_time() - c})
+                + "\n")
 
-  CPU time is the whole process's (all threads). On a loaded machine wall time mostly measures
-  the neighbours; CPU time / threads is then the better estimate of the idle wall time.
-  """
-  names = list(runners)
-  for name in names:  # warm-up: compile, allocate, let oneDNN/TF pick kernels
-    for _ in range(warmup):
-      runners[name]()
+
+class Worker:
+  """One implementation in its own process: only its framework is imported there, with that
+  framework's own allocator and thread pools, as its users run it. Idle while others run."""
+
+  def __init__(self, impl, batch, args, env):
+    self.impl = impl
+    self.log = tempfile.TemporaryFile(mode="w+")
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--batch", str(batch),
+           "--threads", str(args.threads), "--warmup", str(args.warmup), "--fov", str(args.fov),
+           "--depth", str(args.depth), "--features", str(args.features)]
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=self.log, text=True, env=env)
+    self.hello = self._read()
+
+  def _read(self):
+    line = self.proc.stdout.readline()
+    if not line:
+      self.proc.wait()
+      self.log.seek(0)
+      tail = self.log.read()[-2000:]
+      return {"error": f"worker exited with {self.proc.returncode}: ...{tail}"}
+    return json.loads(line)
+
+  def run(self, mode):
+    self.proc.stdin.write(mode + "\n")
+    self.proc.stdin.flush()
+    reply = self._read()
+    if "error" in reply:
+      raise RuntimeError(f"{self.impl}: {reply['error']}")
+    return reply["wall"], reply["cpu"]
+
+  def close(self):
+    if self.proc.poll() is None:
+      self.proc.stdin.close()
+      self.proc.wait(timeout=60)
+    self.log.close()
+
+
+def worker_env(impl, args):
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(
+      [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))] +
+      ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+  if impl in PEERS:
+    if args.peer_malloc == "retain":
+      env.update(RETAIN_ENV)
+  else:
+    if args.our_malloc == "default":
+      env["FFN_JAX_RETAIN_MEMORY"] = "0"
+    if not args.no_ynn_flag and _YNN_FLAG not in env.get("XLA_FLAGS", ""):
+      env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + _YNN_FLAG).strip()
+  return env
+
+
+def time_alternating(workers, mode, repeats):
+  """{name: ([wall s], [cpu s])}: each worker runs once per round, the order rotating."""
+  names = list(workers)
   times = {n: ([], []) for n in names}
   for r in range(repeats):
     for name in names[r % len(names):] + names[:r % len(names)]:
-      c, t = time.process_time(), time.perf_counter()
-      runners[name]()
-      times[name][0].append(time.perf_counter() - t)
-      times[name][1].append(time.process_time() - c)
+      wall, cpu = workers[name].run(mode)
+      times[name][0].append(wall)
+      times[name][1].append(cpu)
   return times
 
 
 def main():
   args = _parse()
-  if not args.no_ynn_flag and _YNN_FLAG not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _YNN_FLAG).strip()
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  if args.worker:
+    worker_main(args)
+    return
   load_start = os.getloadavg()
   t_start = time.time()
-  ours, notes = setup_routes(args)
-  peers, peer_notes = setup_peers(args)
-  notes += peer_notes
-  import jax  # pylint: disable=import-outside-toplevel
-  notes.insert(0, f"jax {jax.__version__}, python {platform.python_version()}, "
-                  f"threads {args.threads}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-
+  impls = [*args.routes, *args.peers]
+  notes = [f"python {platform.python_version()}, threads {args.threads}, one process per "
+           f"implementation; peers' malloc: {args.peer_malloc}, ours: {args.our_malloc}"]
   gf = gflop_forward(args.fov, args.depth, args.features)
   rows = []  # (batch, mode, name, median wall s, median cpu s)
+  ours, peers = [], []
   for batch in args.batches:
-    runners = {}
-    for name, factory in {**ours, **peers}.items():
-      fwd, train = factory(batch)
-      runners[(name, "forward")] = fwd
-      runners[(name, "train")] = train
-    for mode in ("forward", "train"):
-      sel = {n: runners[(n, mode)] for n in [*ours, *peers]}
-      for name, (ts, cs) in time_alternating(sel, args.repeats, args.warmup).items():
-        rows.append((batch, mode, name, statistics.median(ts), statistics.median(cs)))
-    del runners
+    workers = {}
+    try:
+      for impl in impls:
+        w = Worker(impl, batch, args, worker_env(impl, args))
+        if "error" in w.hello:
+          w.close()
+          notes.append(f"{impl} skipped: {w.hello['error'][:300]}"
+                       + ("; pip install -e .[compare]" if impl in PEERS else ""))
+          continue
+        workers[impl] = w
+        note = f"{impl}: {w.hello['note']}"
+        if note not in notes:
+          notes.append(note)
+      ours = [i for i in args.routes if i in workers]
+      peers = [i for i in args.peers if i in workers]
+      for mode in ("forward", "train"):
+        for name, (ts, cs) in time_alternating(workers, mode, args.repeats).items():
+          rows.append((batch, mode, name, statistics.median(ts), statistics.median(cs)))
+    finally:
+      for w in workers.values():
+        w.close()
 
   def median(batch, mode, name, cpu=False):
     for b, m, n, t, c in rows:
@@ -354,6 +440,8 @@ def main():
       "forward_cpu_ratio_vs_best_peer": result[f"forward_b{b4}"]["cpu_ratio_vs_best_peer"],
       "train_cpu_ratio_vs_best_peer": result[f"train_b{b4}"]["cpu_ratio_vs_best_peer"],
       "ratio_batch": b4,
+      "peer_malloc": args.peer_malloc,
+      "our_malloc": args.our_malloc,
       "load_avg_start_end": [round(load_start[0], 2), round(load_end[0], 2)],
       **result,
   }

@@ -13,4 +13,10 @@ if _FLAG.split("=")[0] not in _os.environ.get("XLA_FLAGS", "") and not _os.envir
 ):
   _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 
+# Before jax starts its threads: reuse freed host memory instead of faulting in every step's
+# buffers anew (ffn_jax/host_memory.py; FFN_JAX_RETAIN_MEMORY=0 turns it off).
+from ffn_jax import host_memory as _host_memory  # pylint: disable=wrong-import-position
+
+_host_memory.retain_freed_memory()
+
 __version__ = "0.1.0"

@@ -182,3 +182,22 @@ def test_heldout_fovs_have_the_first_step_seed():
   assert np.isclose(seed, logit(0.05)).sum() == 5 * (9**3 - 1)
   assert set(np.unique(fovs["labels"])) <= {np.float32(0.05), np.float32(0.95)}
   assert np.all(fovs["labels"][:, 4, 4, 4, 0] == np.float32(0.95))
+
+
+def test_conv_stack_workers_end_to_end():
+  """One worker process per implementation; a route that cannot run and a peer that is not
+  installed are reported and skipped, not fatal."""
+  peer = "torch" if importlib.util.find_spec("torch") is None else "tf"
+  if importlib.util.find_spec("tensorflow") is not None and peer == "tf":
+    pytest.skip("needs an environment without one of the [compare] peers")
+  proc, out = _run("bench/conv_stack.py", "--fov", "9", "--depth", "2", "--features", "4",
+                   "--routes", "im2col_kz,no_such_route", "--peers", peer, "--batches", "2",
+                   "--repeats", "2", "--warmup", "1")
+  assert "no_such_route skipped" in proc.stdout
+  assert f"{peer} skipped" in proc.stdout and "pip install -e .[compare]" in proc.stdout
+  for mode in ("forward_b2", "train_b2"):
+    assert out[mode]["best_route"] == "im2col_kz"
+    assert out[mode]["ms_per_fov"]["im2col_kz"] > 0
+    assert out[mode]["best_peer"] is None
+  assert out["train_ratio_vs_best_peer"] is None
+  assert out["our_malloc"] == "retain" and out["peer_malloc"] == "default"
