@@ -251,7 +251,7 @@ def build_runners(impl, batch, args):
     onednn.set_num_threads(args.threads)
     fov = args.fov
     note += (f"; oneDNN {onednn.version()}, impls fwd;bwd_data;bwd_weights = "
-             f"{onednn.impl_info((batch, fov, fov, fov, args.features), args.features)}")
+             f"{onednn.impl_info((batch, fov, fov, fov, args.features), args.features, bf16=impl.endswith('bf16'))}")
   return (*jax_runner(impl, batch, args), note)
 
 

@@ -13,7 +13,10 @@ thread arena cannot hold a block larger than 64 MB and then falls back to ``mmap
 top to the system (``M_TRIM_THRESHOLD=-1``). Freed blocks are then reused by the next step, as
 TensorFlow's own allocator does; the process keeps its peak heap until it exits. Measured on the
 FIB-25 training step (batch 4, onednn route, 2 cores): 670 -> 618 ms per FOV, 166,546 -> 0 page
-faults per step (``bench/conv_stack.py`` reports both settings).
+faults per step; ``train.py`` 1.49 -> 1.57 FOV/s with a lower peak RSS (1.16 vs 1.24 GB).
+The cost: a loop that dispatches the next step before the previous one's buffers are freed
+takes fresh blocks a few times until the heap holds enough (a tight benchmark loop of that step
+plateaus near 4 GB); ``bench/conv_stack.py --our-malloc default`` compares.
 
 ``ffn_jax`` calls it on import, before jax starts its threads (threads that already hold an
 arena keep it, so importing ffn_jax after running jax computations helps less). Set

@@ -201,3 +201,16 @@ def test_conv_stack_workers_end_to_end():
     assert out[mode]["best_peer"] is None
   assert out["train_ratio_vs_best_peer"] is None
   assert out["our_malloc"] == "retain" and out["peer_malloc"] == "default"
+
+
+def test_precision_study_tiny(tmp_path):
+  """float32 vs bfloat16 conv route from the same seed: same curve at first, both scored."""
+  _, out = _run("bench/precision_study.py", "--config", "configs/tiny.py", "--steps", "12",
+                "--log-points", "3", "--val-fovs", "4", "--out", tmp_path, timeout=300)
+  assert out["routes"] == ["onednn", "onednn_bf16"]
+  ref, bf16 = out["runs"]["onednn"], out["runs"]["onednn_bf16"]
+  assert [p["step"] for p in ref["curve"]] == [p["step"] for p in bf16["curve"]] == [4, 8, 12]
+  # The first window sees the same FOVs with nearly the same weights.
+  assert abs(ref["curve"][0]["loss"] - bf16["curve"][0]["loss"]) < 0.05
+  for run in (ref, bf16):
+    assert run["val_loss"] > 0 and 0 <= run["val_f1"] <= 1 and run["fovs_per_s"] > 0
