@@ -37,6 +37,9 @@ import time
 _YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=dot"
 
 LR = 1e-3
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
 
 
 def _parse():
@@ -218,10 +221,6 @@ def torch_runner(batch, args, channels_last: bool):
 
 
 # ----------------------------------------------------------------------------------- workers
-# glibc settings equivalent to ffn_jax.host_memory.retain_freed_memory, as environment variables
-# (glibc reads them at process start), for --peer-malloc=retain.
-RETAIN_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
-              "MALLOC_TRIM_THRESHOLD_": str(2**62)}
 PEERS = ("tf", "torch", "torch_cl3d")
 
 
@@ -321,12 +320,12 @@ class Worker:
 
 def worker_env(impl, args):
   env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join(
-      [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))] +
-      ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+  env["PYTHONPATH"] = os.pathsep.join([REPO] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH")
+                                                  else []))
   if impl in PEERS:
     if args.peer_malloc == "retain":
-      env.update(RETAIN_ENV)
+      from ffn_jax import host_memory  # pylint: disable=import-outside-toplevel
+      env.update(host_memory.GLIBC_ENV)
   else:
     if args.our_malloc == "default":
       env["FFN_JAX_RETAIN_MEMORY"] = "0"

@@ -34,6 +34,11 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
+# The same settings as glibc environment variables, read at process start (for processes that do
+# not import ffn_jax, e.g. the peers of bench/conv_stack.py). 2**62 stands in for "never trim".
+GLIBC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
+             "MALLOC_TRIM_THRESHOLD_": str(2**62)}
+
 _state = {"retained": False, "reason": "not requested"}
 
 
