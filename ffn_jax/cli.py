@@ -29,9 +29,11 @@ def parse(argv: list[str], default_config: str, prog: str):
   if REPO_ROOT not in sys.path:  # config files import each other as ``configs.NAME``
     sys.path.insert(0, REPO_ROOT)
   fv = flags.FlagValues()
+  # sys_argv: the override flags to define are read from argv (by default from sys.argv, which
+  # is wrong when parse() is called in-process, e.g. by the benchmarks).
   config_flags.DEFINE_config_file(
       "config", default=default_config, help_string="Python config file with get_config().",
-      lock_config=True, flag_values=fv)
+      lock_config=True, flag_values=fv, sys_argv=list(argv))
   flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics, results).",
                       flag_values=fv)
   if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):

@@ -170,6 +170,14 @@ def test_lr_batch_study_end_to_end(tmp_path):
   assert (tmp_path / "re" / "lr_batch_study.png").exists()
 
 
+def test_load_config_applies_overrides_in_process():
+  """Overrides given to the benchmarks reach the config (not read from this process's argv)."""
+  config = common.load_config("configs/tiny.py", ["seed=3", "--config.optim.learning_rate=0.5"])
+  assert config.seed == 3 and config.optim.learning_rate == 0.5
+  with pytest.raises(SystemExit, match="unknown config key"):
+    common.load_config("configs/tiny.py", ["no_such_key=1"])
+
+
 def test_heldout_fovs_have_the_first_step_seed():
   import numpy as np
 
