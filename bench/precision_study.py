@@ -15,18 +15,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import os
 import statistics
 import sys
 import time
 
 import _common
-
-_spec = importlib.util.spec_from_file_location(
-    "lr_batch_study", os.path.join(os.path.dirname(os.path.abspath(__file__)), "lr_batch_study.py"))
-study = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(study)
+import lr_batch_study as study  # its held-out FOV sampling and scoring
 
 
 def parse_args(argv=None):

@@ -195,9 +195,11 @@ def test_heldout_fovs_have_the_first_step_seed():
 def test_conv_stack_workers_end_to_end():
   """One worker process per implementation; a route that cannot run and a peer that is not
   installed are reported and skipped, not fatal."""
-  peer = "torch" if importlib.util.find_spec("torch") is None else "tf"
-  if importlib.util.find_spec("tensorflow") is not None and peer == "tf":
+  missing = [peer for peer, module in (("torch", "torch"), ("tf", "tensorflow"))
+             if importlib.util.find_spec(module) is None]
+  if not missing:
     pytest.skip("needs an environment without one of the [compare] peers")
+  peer = missing[0]
   proc, out = _run("bench/conv_stack.py", "--fov", "9", "--depth", "2", "--features", "4",
                    "--routes", "im2col_kz,no_such_route", "--peers", peer, "--batches", "2",
                    "--repeats", "2", "--warmup", "1")
