@@ -12,21 +12,12 @@ import ml_collections
 _DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 
 
-def get_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.image = os.environ.get(
-      "FFN_FIB25_IMAGE", os.path.join(_DATA, "fib25_training_sample2", "image.zarr"))
-  c.image_mean = 128.0   # <= 0: take the checkpoint's
-  c.image_stddev = 33.0
-  c.mask = ""            # optional volume spec; nonzero voxels are neither seeded nor segmented
-  c.bbox_start_zyx = (0, 0, 0)
-  c.bbox_size_zyx = (0, 0, 0)
+def add_flood_settings(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Google's flood-fill settings for the FIB-25 model: thresholds, seed policy, batching.
 
-  c.checkpoint = ""      # required: orbax checkpoint dir (model geometry comes from its meta)
-  c.checkpoint_step = -1  # -1 = latest
-  c.conv_impl = "auto"   # see ffn_jax.conv.available_routes()
-  c.precision = "highest"  # jax matmul/conv precision (matters on GPUs: no TF32)
-
+  Shared by ``infer.py`` configs and the training loop's segmentation eval (``config.eval``), so
+  that both flood with the same options and the same code.
+  """
   c.inference = ml_collections.ConfigDict()
   c.inference.init_activation = 0.95   # all thresholds are probabilities, applied as logits
   c.inference.pad_value = 0.05
@@ -41,12 +32,37 @@ def get_config() -> ml_collections.ConfigDict:
   c.grid_step = 16
   c.grid_offsets = (0, 8, 4, 12, 2, 10, 14)
   c.voxel_size_zyx = (1.0, 1.0, 1.0)  # EDT sampling of PolicyPeaks (anisotropic data)
+  # "none": the canvas is the block (Google's). "reflect": the block mirrored by half a FOV on
+  # each side, so FOVs can be centred up to its borders (thin volumes); cropped back after.
+  c.border_padding = "none"
 
   # FOVs per device call = segments flooded at once. 1 reproduces Google's sequential order;
   # larger batches give the same segmentation (speculative segments are checked at each commit).
   c.batch_size = 1
   c.max_pending = 0  # look-ahead in seeds incl. paused segments; 0 = 1 (batch 1) or 4 x batch
   c.pad_batches = "buckets"  # pad a partial batch to the next power of two, or "full"
+  c.precision = "highest"  # jax matmul/conv precision (matters on GPUs: no TF32)
+  return c
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.image = os.environ.get(
+      "FFN_FIB25_IMAGE", os.path.join(_DATA, "fib25_training_sample2", "image.zarr"))
+  c.image_mean = 128.0   # <= 0: take the checkpoint's
+  c.image_stddev = 33.0
+  c.mask = ""            # optional volume spec; nonzero voxels are neither seeded nor segmented
+  c.bbox_start_zyx = (0, 0, 0)
+  c.bbox_size_zyx = (0, 0, 0)
+
+  c.checkpoint = ""      # required: orbax checkpoint dir (model geometry comes from its meta)
+  c.checkpoint_step = -1  # -1 = latest
+  # A training workdir holds its rolling checkpoints and, when it ran a segmentation eval, the
+  # checkpoint with the best eval VI: "latest" or "best".
+  c.checkpoint_kind = "latest"
+  c.conv_impl = "auto"   # see ffn_jax.conv.available_routes()
+
+  add_flood_settings(c)
 
   c.checkpoint_interval_s = 60.0  # inference_state.npz; 0 = after every batch, < 0 = never
   c.progress_interval_s = 10.0

@@ -26,6 +26,8 @@ import orbax.checkpoint as ocp
 from ffn_jax.errors import UserError
 
 UNREADABLE_DIR = "unreadable_checkpoints"
+BEST_DIR = "best"  # WORKDIR/best: the params with the best segmentation eval VI so far
+CHECKPOINT_KINDS = ("latest", "best")
 
 
 class CheckpointError(Exception):
@@ -195,18 +197,56 @@ def _is_shape_mismatch(e: Exception) -> bool:
   return "shape" in text and ("mismatch" in text or "expected" in text or "does not match" in text)
 
 
-def _check_shapes(expected, got, step) -> None:
+def check_same_shapes(expected, got) -> None:
+  """Raises CheckpointMismatch unless ``got`` has ``expected``'s tree structure and shapes."""
   exp_leaves, exp_def = jax.tree_util.tree_flatten(expected)
   got_leaves, got_def = jax.tree_util.tree_flatten(got)
   if exp_def != got_def:
-    raise CheckpointMismatch(
-        f"checkpoint step {step} has a different structure than this model/optimizer config; "
-        "use another --workdir or the config it was trained with")
+    raise CheckpointMismatch("its arrays have a different structure than this model/optimizer "
+                             "config's")
   for e, g in zip(exp_leaves, got_leaves):
     if tuple(np.shape(e)) != tuple(np.shape(g)):
-      raise CheckpointMismatch(
-          f"checkpoint step {step} holds an array of shape {tuple(np.shape(g))} where this model "
-          f"expects {tuple(np.shape(e))}; use another --workdir or the config it was trained with")
+      raise CheckpointMismatch(f"it holds an array of shape {tuple(np.shape(g))} where this "
+                               f"model expects {tuple(np.shape(e))}")
+
+
+def _check_shapes(expected, got, step) -> None:
+  try:
+    check_same_shapes(expected, got)
+  except CheckpointMismatch as e:
+    raise CheckpointMismatch(f"checkpoint step {step}: {e}; use another --workdir or the config "
+                             "it was trained with") from None
+
+
+class BestParams:
+  """``WORKDIR/best``: the parameters with the lowest segmentation eval VI so far, one step kept.
+
+  Params-only (``load_params(workdir, kind="best")`` and ``infer.py
+  --config.checkpoint_kind=best`` read it); its meta holds the eval record. On a resumed run the
+  VI to beat is read back from there.
+  """
+
+  def __init__(self, directory: str):
+    self.manager = make_manager(directory, max_to_keep=1, create=True)
+    self.vi = float("inf")
+    step = self.manager.latest_step()
+    if step is not None:
+      try:
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        self.vi = float((meta.meta or {}).get("eval", {}).get("vi", float("inf")))
+      except Exception:  # noqa: BLE001 - an unreadable best checkpoint is simply replaced
+        self.vi = float("inf")
+
+  def offer(self, step: int, params: Any, record: dict, meta: dict) -> bool:
+    """Saves ``params`` if ``record['vi']`` beats the best so far; returns whether it did."""
+    if not record["vi"] < self.vi:
+      return False
+    for old in self.manager.all_steps():
+      if old >= step:  # orbax only writes steps above the latest one
+        self.manager.delete(old)
+    save(self.manager, step, {"params": params}, {**meta, "eval": record})
+    self.vi = float(record["vi"])
+    return True
 
 
 def save_params(directory: str, params: Any, step: int = 0, meta: dict | None = None) -> None:
@@ -216,16 +256,30 @@ def save_params(directory: str, params: Any, step: int = 0, meta: dict | None = 
   manager.close()
 
 
-def load_params(directory: str, step: int | None = None):
+def best_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), BEST_DIR)
+
+
+def load_params(directory: str, step: int | None = None, kind: str = "latest"):
   """Loads ``params`` from a training workdir, its ``checkpoints`` folder, or a params checkpoint.
 
+  Args:
+    kind: of a training workdir, its newest rolling checkpoint ("latest") or the one with the
+      best segmentation eval VI ("best", in ``WORKDIR/best``).
   Returns:
     (params as a nested dict of numpy arrays, meta dict).
   """
   directory = os.path.abspath(directory)
   if not os.path.isdir(directory):
     raise CheckpointError(f"checkpoint directory not found: {directory}")
-  if os.path.isdir(os.path.join(directory, "checkpoints")):
+  if kind == "best":
+    if not os.path.isdir(best_dir(directory)):
+      raise CheckpointError(f"no best checkpoint in {directory}: it is written by training runs "
+                            "that have config.eval enabled")
+    directory = best_dir(directory)
+  elif kind != "latest":
+    raise CheckpointError(f"unknown checkpoint kind {kind!r}; choose one of {CHECKPOINT_KINDS}")
+  elif os.path.isdir(os.path.join(directory, "checkpoints")):
     directory = os.path.join(directory, "checkpoints")
   manager = make_manager(directory, max_to_keep=None, create=False)
   steps = sorted(manager.all_steps(), reverse=True)

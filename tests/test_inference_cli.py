@@ -138,3 +138,24 @@ def test_cli_errors(assets, tmp_path, capsys, monkeypatch):
   before = _seg(work)
   fails(_argv(assets, work, "inference.segment_threshold=0.5"), "different job")
   assert np.array_equal(_seg(work), before)
+
+
+def test_reflect_border_padding_reaches_the_block_border(assets, tmp_path, monkeypatch):
+  """border_padding=reflect: FOVs may be centred up to the block's border, so the outer
+  half-FOV shell gets segmented; the output keeps the block's shape and global seed coords."""
+  infer = _Infer(monkeypatch)
+  assert infer.main(_argv(assets, tmp_path / "none")) == 0
+  assert infer.main(_argv(assets, tmp_path / "reflect", "border_padding=reflect")) == 0
+  plain, padded = _seg(tmp_path / "none"), _seg(tmp_path / "reflect")
+  assert padded.shape == plain.shape == (24, 24, 24)
+  shell = np.ones(plain.shape, bool)
+  shell[4:-4, 4:-4, 4:-4] = False  # half a FOV (9^3) from the border: no FOV centre without padding
+  assert (padded[shell] > 0).mean() > (plain[shell] > 0).mean() + 0.1
+  with open(tmp_path / "reflect" / "segments.json") as f:
+    seeds = np.array([s["seed_zyx"] for s in json.load(f).values()])
+  assert seeds.min() >= 2 and seeds.max() < 2 + 24  # inside the block, in volume coordinates
+  with open(tmp_path / "reflect" / "counters.json") as f:
+    assert json.load(f)["voxels_labelled"] == int((padded > 0).sum())
+  with pytest.raises(SystemExit) as e:
+    infer.main(_argv(assets, tmp_path / "bad", "border_padding=wrap"))
+  assert e.value.code == 2

@@ -57,6 +57,10 @@ class Predictor:
     self.predict_s = 0.0
     self.compile_s = 0.0
 
+  def set_params(self, params) -> None:
+    """Swaps in other parameters of the same model (no recompilation: they are an argument)."""
+    self._params = jax.device_put(params)
+
   def _run(self, image_BZYX1, seed_BZYX1) -> np.ndarray:
     with jax.default_matmul_precision(self.precision):
       return np.asarray(self._fn(self._params, image_BZYX1, seed_BZYX1))

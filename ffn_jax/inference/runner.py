@@ -82,6 +82,69 @@ def options_from_config(config) -> canvas_lib.InferenceOptions:
       disco_seed_threshold=float(o.disco_seed_threshold))
 
 
+def make_canvas(config, image: np.ndarray, predictor, model: dict,
+                mask: np.ndarray | None = None) -> canvas_lib.Canvas:
+  """A Canvas over ``image`` (normalized float32 zyx) with the flood settings of ``config``
+  (``inference.*``, ``batch_size``, ``max_pending``: ``configs/fib25_infer.add_flood_settings``)
+  and the FOV geometry of ``model`` (checkpoint meta ``model``)."""
+  return canvas_lib.Canvas(
+      image, predictor, max(1, int(config.batch_size)), model["fov_size_zyx"],
+      model["deltas_zyx"], options_from_config(config), mask=mask,
+      max_pending=int(config.max_pending) or None)
+
+
+def seed_coords(config, image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+  """The seed positions of ``config``'s seed policy (``seed_policy``, ``seed_min_distance``,
+  ``grid_step``, ``grid_offsets``, ``voxel_size_zyx``) on a normalized image."""
+  return seed_lib.make_seed_coords(
+      str(config.seed_policy), image, mask, tuple(config.voxel_size_zyx),
+      int(config.seed_min_distance), int(config.grid_step), tuple(config.grid_offsets))
+
+
+class BorderPadding:
+  """The canvas around a block: ``border_padding`` "none" (Google's: the canvas is the block) or
+  "reflect" (the block mirrored by half a FOV on every side).
+
+  A FOV centre must lie half a FOV inside the canvas, so without padding no FOV is centred in
+  the block's outer half-FOV shell and objects there are reached only by the edges of FOVs
+  further in; in thin volumes (gala: 50 slices, FOV 33: centres only at z 16..33) most of the
+  block is such a shell. With "reflect", FOVs can be centred anywhere in the block, seeds are
+  kept inside it, and the segmentation is cropped back to it.
+  """
+
+  MODES = ("none", "reflect")
+
+  def __init__(self, config, model: dict):
+    mode = str(config.get("border_padding", "none"))
+    if mode not in self.MODES:
+      raise UserError(f"border_padding must be one of {self.MODES}, got {mode!r}")
+    half = np.asarray(model["fov_size_zyx"], np.int64) // 2
+    self.width = half if mode == "reflect" else np.zeros(3, np.int64)
+
+  def pad(self, block: np.ndarray | None) -> np.ndarray | None:
+    if block is None or not self.width.any():
+      return block
+    return np.pad(block, [(int(w), int(w)) for w in self.width], mode="reflect")
+
+  def crop(self, canvas_array: np.ndarray) -> np.ndarray:
+    return canvas_array[tuple(slice(int(w), s - int(w))
+                              for w, s in zip(self.width, canvas_array.shape))]
+
+  def inside(self, coords_N3: np.ndarray, canvas_shape) -> np.ndarray:
+    """The canvas coordinates that lie in the block (not in the padding)."""
+    coords_N3 = np.asarray(coords_N3, np.int64).reshape(-1, 3)
+    hi = np.asarray(canvas_shape) - self.width
+    return coords_N3[np.all((coords_N3 >= self.width) & (coords_N3 < hi), axis=1)]
+
+
+def make_predictor(config, params, model: dict, conv_impl: str):
+  """The jitted batched FFN forward for ``config.batch_size`` FOVs (compiled on first use)."""
+  from ffn_jax.inference.predict import Predictor  # jax import only when the model runs
+  return Predictor(params, int(model["depth"]), int(model["features"]), model["fov_size_zyx"],
+                   max(1, int(config.batch_size)), conv_impl, str(config.precision),
+                   str(config.pad_batches))
+
+
 def resolve_bbox(volume_shape, start_zyx, size_zyx):
   """Validated (start, size) inside the volume; size entries <= 0 run to the volume's end."""
   start = tuple(int(v) for v in start_zyx) if len(start_zyx) else (0, 0, 0)
@@ -102,8 +165,11 @@ def _load_model(config):
     raise UserError("no model checkpoint: pass --config.checkpoint=DIR (an orbax checkpoint, e.g."
                     " from train.py or ffn_jax.import_tf_checkpoint)")
   step = int(config.checkpoint_step) if int(config.checkpoint_step) >= 0 else None
+  kind = str(config.get("checkpoint_kind", "latest"))
+  if kind not in ckpt_lib.CHECKPOINT_KINDS:
+    raise UserError(f"checkpoint_kind must be one of {ckpt_lib.CHECKPOINT_KINDS}, got {kind!r}")
   try:
-    params, meta = ckpt_lib.load_params(config.checkpoint, step)
+    params, meta = ckpt_lib.load_params(config.checkpoint, step, kind)
   except ckpt_lib.CheckpointError as e:
     raise UserError(str(e)) from None
   model = meta.get("model")
@@ -140,6 +206,7 @@ def job_identity(config, image_desc: str, bbox, model, mean, sd) -> dict:
       "mask": str(config.mask),
       "checkpoint": os.path.abspath(config.checkpoint),
       "checkpoint_step": int(config.checkpoint_step),
+      "checkpoint_kind": str(config.get("checkpoint_kind", "latest")),
       "model": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in model.items()},
       "image_mean": mean, "image_stddev": sd,
       "inference": {k: (list(v) if isinstance(v, tuple) else v)
@@ -147,6 +214,7 @@ def job_identity(config, image_desc: str, bbox, model, mean, sd) -> dict:
       "seed_policy": str(config.seed_policy), "seed_min_distance": int(config.seed_min_distance),
       "grid_step": int(config.grid_step), "grid_offsets": list(config.grid_offsets),
       "voxel_size_zyx": [float(v) for v in config.voxel_size_zyx],
+      "border_padding": str(config.get("border_padding", "none")),
   }
 
 
@@ -193,8 +261,9 @@ def run(config, workdir: str, predict_fn=None) -> dict:
   """
   t_start = time.perf_counter()
   workdir = os.path.abspath(workdir)
-  options = options_from_config(config)
+  options_from_config(config)  # bad thresholds fail before any slow work
   params, model, mean, sd = _load_model(config)
+  border = BorderPadding(config, model)
   t_model = time.perf_counter() - t_start
   source, image_desc = _load_image(config)
   bbox = resolve_bbox(source.shape, config.bbox_start_zyx, config.bbox_size_zyx)
@@ -209,22 +278,15 @@ def run(config, workdir: str, predict_fn=None) -> dict:
 
   t0 = time.perf_counter()
   raw = source.read(*bbox)
-  image = (raw.astype(np.float32) - np.float32(mean)) / np.float32(sd)
+  image = border.pad((raw.astype(np.float32) - np.float32(mean)) / np.float32(sd))
   mask = None
   if config.mask:
-    mask = volumes.open_volume(config.mask).read(*bbox) != 0
+    mask = border.pad(volumes.open_volume(config.mask).read(*bbox) != 0)
   timers["time_load_s"] = time.perf_counter() - t0
 
   batch_size = max(1, int(config.batch_size))
-  predictor = predict_fn
-  if predictor is None:
-    from ffn_jax.inference.predict import Predictor  # jax import only when the model runs
-    predictor = Predictor(params, int(model["depth"]), int(model["features"]),
-                          model["fov_size_zyx"], batch_size, str(config.conv_impl),
-                          str(config.precision), str(config.pad_batches))
-  canvas = canvas_lib.Canvas(
-      image, predictor, batch_size, model["fov_size_zyx"], model["deltas_zyx"],
-      options, mask=mask, max_pending=int(config.max_pending) or None)
+  predictor = predict_fn or make_predictor(config, params, model, str(config.conv_impl))
+  canvas = make_canvas(config, image, predictor, model, mask)
 
   state_path = os.path.join(workdir, STATE)
   prior_wall = 0.0
@@ -237,9 +299,7 @@ def run(config, workdir: str, predict_fn=None) -> dict:
          f"{canvas.counters.get('segments', 0)} segments")
   else:
     t0 = time.perf_counter()
-    coords = seed_lib.make_seed_coords(
-        str(config.seed_policy), image, mask, tuple(config.voxel_size_zyx),
-        int(config.seed_min_distance), int(config.grid_step), tuple(config.grid_offsets))
+    coords = border.inside(seed_coords(config, image, mask), image.shape)
     canvas.set_seeds(coords)
     timers["time_seed_policy_s"] = time.perf_counter() - t0
     _log(f"{config.seed_policy}: {len(coords)} seeds in {timers['time_seed_policy_s']:.1f} s")
@@ -298,10 +358,11 @@ def run(config, workdir: str, predict_fn=None) -> dict:
   account_predictor()
 
   t0 = time.perf_counter()
-  seg = canvas.segmentation
+  seg = border.crop(canvas.segmentation)
   out_dtype = np.uint32 if canvas.max_id < 2**32 else np.uint64
   volumes.write_zarr(os.path.join(workdir, SEGMENTATION), seg.astype(out_dtype))
-  segments = {str(sid): {"seed_zyx": [int(a + b) for a, b in zip(o[0], bbox[0])],
+  segments = {str(sid): {"seed_zyx": [int(a + b - w) for a, b, w in
+                                      zip(o[0], bbox[0], border.width)],
                          "fov_iters": o[1], "voxels": o[2],
                          "overlaps": {str(int(i)): int(n) for i, n in zip(*canvas.overlaps[sid])}}
               for sid, o in sorted(canvas.origins.items())}
@@ -312,7 +373,7 @@ def run(config, workdir: str, predict_fn=None) -> dict:
   counters = dict(canvas.counters)
   counters["time_write_s"] = time.perf_counter() - t0
   counters.setdefault("segments", 0)
-  counters.setdefault("voxels_labelled", 0)
+  counters["voxels_labelled"] = int(np.count_nonzero(seg))
   counters.setdefault("fov_calls", 0)
   counters["wall_s"] = wall()
   counters["time_host_s"] = counters["wall_s"] - sum(
