@@ -4,6 +4,8 @@ All zyx. Every field here exists in every config; fib25.py overrides the paper-s
 """
 import ml_collections
 
+from configs import fib25_infer
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -15,6 +17,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.fov_size_zyx = (17, 17, 17)
   c.model.deltas_zyx = (4, 4, 4)
   c.model.conv_impl = "auto"  # see ffn_jax.conv.available_routes()
+  # glorot_uniform (Google's current default) or truncated_normal (sd 0.01: how Google's released
+  # model was first trained, over 27M steps; it stalls on short budgets).
+  c.model.kernel_init = "glorot_uniform"
 
   c.data = ml_collections.ConfigDict()
   c.data.image = ""   # volume spec (zarr/n5/precomputed path, 'file.h5:ds', tensorstore JSON);
@@ -38,8 +43,17 @@ def get_config() -> ml_collections.ConfigDict:
   # each device then takes global_batch / (ranks x local devices) (batch_size is ignored).
   c.global_batch = 0
 
+  # Fine-tuning: start from these parameters (an imported checkpoint, e.g. from
+  # ffn_jax.import_tf_checkpoint, or another run's workdir) with a fresh optimizer and step 0.
+  # The run's own checkpoints win: a rerun resumes from them, not from init_checkpoint.
+  c.init_checkpoint = ""
+
   c.optim = ml_collections.ConfigDict()
-  c.optim.name = "adam"  # sgd, momentum, nesterov, adam, adamw, lamb, lars
+  # sgd, momentum, nesterov, adam, adamw, lamb, lars; or "custom" with optim.factory: a
+  # "module:function" called with the learning-rate schedule (warmup and scaling applied) that
+  # returns any optax GradientTransformation (e.g. configs.optimizers:lion).
+  c.optim.name = "adam"
+  c.optim.factory = ""
   c.optim.learning_rate = 1e-3  # at reference_batch global examples
   c.optim.reference_batch = 4
   c.optim.lr_scaling = "none"  # none, linear, sqrt
@@ -58,7 +72,32 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.clip_value = 0.7  # Google FFN's element-wise gradient clipping; 0 disables
   c.optim.clip_global_norm = 0.0
 
+  # Segmentation validation during training: flood-fill the held-out volume with the current
+  # parameters (infer.py's code and settings), score VI / adapted Rand against its labels, append
+  # {"eval": true, ...} to metrics.jsonl and keep the best-VI checkpoint in WORKDIR/best.
+  # Runs every eval.every_steps steps and/or every eval.every_s seconds (both 0 = off), and at
+  # the last step. Point it at held-out data: a validation volume, or a box the training box
+  # does not contain.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 0
+  c.eval.every_s = 0.0
+  c.eval.at_start = False  # also evaluate the starting parameters (step 0 of a fresh run)
+  c.eval.image = ""   # volume specs; '' for both = a synthetic volume like data's, with
+  c.eval.labels = ""  # eval.synthetic_seed
+  c.eval.synthetic_seed = 1000
+  c.eval.box_start_zyx = (0, 0, 0)  # zyx
+  c.eval.box_size_zyx = ()          # () = to the end of the volume
+  c.eval.image_mean = -1.0    # <= 0: data.image_mean / data.image_stddev
+  c.eval.image_stddev = -1.0
+  c.eval.conv_impl = ""       # '' = model.conv_impl
+  c.eval.keep_best = True     # WORKDIR/best: infer.py --config.checkpoint_kind=best
+  c.eval.rank = 0             # the rank that floods (all ranks hold the same parameters)
+  fib25_infer.add_flood_settings(c.eval)  # eval.inference.*, eval.seed_policy, eval.batch_size..
+  c.eval.inference.min_segment_size = 100
+  c.eval.batch_size = 4
+
   c.max_steps = 200
+  c.tensorboard = True  # also write metrics as TensorBoard scalars to WORKDIR/tensorboard
   c.log_every = 10
   c.checkpoint_every = 50
   c.keep_checkpoints = 3

@@ -8,13 +8,18 @@ and sqrt beyond. Warmup ramps linearly from ``warmup_init_fraction * lr`` to ``l
 """
 from __future__ import annotations
 
+import importlib
 import math
+from typing import Callable, Union
 
 import optax
 
 from ffn_jax.errors import UserError
 
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "lamb", "lars")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "lamb", "lars", "custom")
+# A GradientTransformation, or a function of the learning-rate schedule returning one.
+CustomOptimizer = Union[optax.GradientTransformation, Callable[[optax.Schedule],
+                                                                 optax.GradientTransformation]]
 SCHEDULES = ("constant", "cosine", "exponential", "step")
 SCALINGS = ("none", "linear", "sqrt")
 
@@ -52,11 +57,54 @@ def make_schedule(cfg, global_batch: int) -> optax.Schedule:
   return optax.join_schedules([ramp, main], [warmup])
 
 
-def make_optimizer(cfg, global_batch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Returns (optax transformation incl. clipping, schedule) for config ``cfg`` (config.optim)."""
+def load_factory(spec: str) -> Callable:
+  """``"package.module:function"`` -> the function (config entries name optimizer factories)."""
+  module_name, _, attr = spec.partition(":")
+  if not module_name or not attr:
+    raise UserError(f"optim.factory must look like 'module:function', got {spec!r}")
+  try:
+    module = importlib.import_module(module_name)
+  except ImportError as e:
+    raise UserError(f"optim.factory {spec!r}: cannot import {module_name} ({e})") from None
+  fn = getattr(module, attr, None)
+  if not callable(fn):
+    raise UserError(f"optim.factory {spec!r}: {module_name} has no function {attr!r}")
+  return fn
+
+
+def _custom(custom: CustomOptimizer, schedule, what: str) -> optax.GradientTransformation:
+  tx = custom
+  if not isinstance(tx, optax.GradientTransformation):
+    try:
+      tx = custom(schedule)
+    except TypeError as e:
+      raise UserError(f"{what} cannot be called with the learning-rate schedule ({e})") from None
+  if not (hasattr(tx, "init") and hasattr(tx, "update")):
+    raise UserError(f"{what} returned {type(tx).__name__}, not an optax GradientTransformation")
+  return tx
+
+
+def make_optimizer(cfg, global_batch: int, custom: CustomOptimizer | None = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Returns (optax transformation incl. clipping, schedule) for config ``cfg`` (config.optim).
+
+  Args:
+    custom: used instead of ``cfg.name`` (``train_and_evaluate(..., optimizer=tx)``); a
+      transformation, or a function of the schedule returning one.
+  """
   schedule = make_schedule(cfg, global_batch)
   name = cfg.name
-  if name == "sgd":
+  factory = cfg.get("factory", "")
+  if factory and name != "custom":
+    raise UserError(f"optim.factory is used with optim.name=custom only (got optim.name={name!r})")
+  if custom is not None:
+    opt = _custom(custom, schedule, "the optimizer passed to train_and_evaluate")
+  elif name == "custom":
+    if not factory:
+      raise UserError("optim.name=custom needs optim.factory='module:function' (a function of "
+                      "the learning-rate schedule returning an optax GradientTransformation)")
+    opt = _custom(load_factory(factory), schedule, f"optim.factory {factory!r}")
+  elif name == "sgd":
     opt = optax.sgd(schedule)
   elif name == "momentum":
     opt = optax.sgd(schedule, momentum=cfg.momentum)

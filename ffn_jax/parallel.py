@@ -68,9 +68,31 @@ class Dist:
     self.comm.Bcast(buf, root=0)
     return jax.tree_util.tree_map(np.asarray, unravel(buf))
 
-  def all_true(self, flag: bool) -> bool:
-    return all(self.allgather(bool(flag)))
+  def bcast(self, obj, root: int = 0, heartbeat=None, poll_s: float = 0.05):
+    """``root``'s (picklable) ``obj`` on every rank.
 
+    The other ranks may wait long (``root`` is running an evaluation): they first meet in a
+    non-blocking barrier polled every ``poll_s`` seconds, calling ``heartbeat()`` meanwhile,
+    instead of spinning a core in MPI's busy wait, which would slow ``root`` down on a shared
+    node.
+    """
+    if self.comm is None:
+      return obj
+    request = self.comm.Ibarrier()
+    while not request.Test():
+      if heartbeat is not None:
+        heartbeat()
+      time.sleep(poll_s)
+    return self.comm.bcast(obj, root=root)
+
+  def agree(self, primary_flags: list[bool], any_flag: bool) -> tuple[list[bool], bool]:
+    """One collective per step: rank 0's ``primary_flags`` (decisions taken on its clock, such
+    as time-based schedules) and whether any rank raised ``any_flag`` (SIGTERM), on every rank.
+    """
+    if self.comm is None:
+      return list(primary_flags), bool(any_flag)
+    gathered = self.comm.allgather((list(primary_flags), bool(any_flag)))
+    return gathered[0][0], any(flag for _, flag in gathered)
 
 
 def mpi_world():

@@ -43,7 +43,8 @@ def test_step_and_exponential_schedules():
 
 @pytest.mark.parametrize("name", optim.OPTIMIZERS)
 def test_every_optimizer_builds_and_steps(name):
-  tx, _ = optim.make_optimizer(_cfg(name=name), 4)
+  extra = {"factory": "configs.optimizers:centralized_adam"} if name == "custom" else {}
+  tx, _ = optim.make_optimizer(_cfg(name=name, **extra), 4)
   params = {"w": np.ones(3, np.float32)}
   state = tx.init(params)
   updates, _ = tx.update({"w": np.full(3, 5.0, np.float32)}, state, params)
@@ -61,3 +62,36 @@ def test_unknown_names_are_clear_errors():
     optim.make_optimizer(_cfg(name="adagrad"), 4)
   with pytest.raises(UserError, match="lr_scaling"):
     optim.make_schedule(_cfg(lr_scaling="cubic"), 4)
+
+
+def test_custom_optimizer_from_python_and_from_a_factory_get_the_schedule():
+  import optax
+  seen = []
+
+  def factory(schedule):
+    seen.append(float(schedule(0)))
+    return optax.sgd(schedule)
+
+  cfg = _cfg(name="adam", learning_rate=0.5, clip_value=0.0)
+  tx, _ = optim.make_optimizer(cfg, 4, custom=factory)  # overrides optim.name
+  updates, _ = tx.update({"w": np.ones(2, np.float32)}, tx.init({"w": np.zeros(2)}))
+  np.testing.assert_allclose(updates["w"], [-0.5, -0.5])
+  assert seen == [0.5]
+  tx, _ = optim.make_optimizer(cfg, 4, custom=optax.sgd(0.25))  # or a transformation
+  updates, _ = tx.update({"w": np.ones(2, np.float32)}, tx.init({"w": np.zeros(2)}))
+  np.testing.assert_allclose(updates["w"], [-0.25, -0.25])
+
+
+@pytest.mark.parametrize("factory,match", [
+    ("", "needs optim.factory"), ("no_colon", "module:function"),
+    ("no_such_module_xyz:f", "cannot import"), ("configs.optimizers:nope", "no function"),
+    ("configs.synthetic:get_config", "cannot be called with the learning-rate schedule"),
+    ("builtins:repr", "not an optax GradientTransformation")])
+def test_bad_optimizer_factories_are_clear_errors(factory, match):
+  with pytest.raises(UserError, match=match):
+    optim.make_optimizer(_cfg(name="custom", factory=factory), 4)
+
+
+def test_factory_without_custom_name_is_refused():
+  with pytest.raises(UserError, match="optim.name=custom only"):
+    optim.make_optimizer(_cfg(name="adam", factory="configs.optimizers:lion"), 4)

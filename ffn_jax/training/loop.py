@@ -29,7 +29,9 @@ from ffn_jax.errors import UserError
 from ffn_jax.model import FFN, init_params
 from ffn_jax.training.setup import (batch_per_device, build_examples, configured_step_timeout_s,
                                     validate_config)
+from ffn_jax.training import periodic, seg_eval
 from ffn_jax.training.state import TrainState, params_fingerprint
+from ffn_jax.training.writers import MetricWriter
 from ffn_jax.training.watchdog import EXIT_PREEMPTED, Watchdog  # noqa: F401 - re-exported
 
 
@@ -43,7 +45,8 @@ class Preempted(Exception):
 
 def build_model(config) -> FFN:
   return FFN(depth=config.model.depth, features=config.model.features,
-             conv_impl=config.model.conv_impl)
+             conv_impl=config.model.conv_impl,
+             kernel_init=config.model.get("kernel_init", "glorot_uniform"))
 
 
 def model_meta(config) -> dict:
@@ -58,9 +61,11 @@ def _key_data(rng):
   return jax.random.key_data(rng) if hasattr(jax.random, "key_data") else rng
 
 
-def init_state(config, model, tx, dist) -> TrainState:
+def init_state(config, model, tx, dist, params=None) -> TrainState:
+  """Step 0: ``params`` (fine-tuning) or a fresh init, rank 0's broadcast to every rank."""
   rng = jax.random.PRNGKey(config.seed)
-  params = init_params(model, rng, config.model.fov_size_zyx)
+  if params is None:
+    params = init_params(model, rng, config.model.fov_size_zyx)
   params = dist.broadcast_tree(params)
   return TrainState(step=np.int32(0), params=params, opt_state=tx.init(params),
                     rng=np.asarray(_key_data(rng)))
@@ -77,23 +82,42 @@ def abstract_state(config, model, tx) -> TrainState:
   return jax.eval_shape(init)
 
 
+def load_init_params(config, model) -> dict:
+  """The parameters of ``config.init_checkpoint``, checked against the configured model.
+
+  Raises:
+    UserError: the path holds no readable checkpoint, or one of another model geometry.
+  """
+  path = config.init_checkpoint
+  try:
+    params, meta = ckpt_lib.load_params(path)
+  except ckpt_lib.CheckpointError as e:
+    raise UserError(f"init_checkpoint: {e}") from None
+  want = model_meta(config)["model"]
+  have = meta.get("model")
+  if not isinstance(have, dict):
+    raise UserError(f"init_checkpoint {path} records no model geometry (depth, features, "
+                    "fov_size_zyx, deltas_zyx)")
+  diff = [f"{k} {have.get(k)} (checkpoint) vs {want[k]} (config)" for k in want
+          if have.get(k) != want[k]]
+  if diff:
+    raise UserError(f"init_checkpoint {path} holds another model: {'; '.join(diff)}; set "
+                    "config.model.* to match it")
+  expected = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0),
+                                                config.model.fov_size_zyx))
+  try:
+    ckpt_lib.check_same_shapes(expected, params)
+  except ckpt_lib.CheckpointMismatch as e:
+    raise UserError(f"init_checkpoint {path}: {e}") from None
+  return params
+
+
 def _checkpoint_tree(state: TrainState, data_states: list[dict]) -> dict:
   return {"train": state, "data": {k: np.stack([s[k] for s in data_states])
                                    for k in data_states[0]}}
 
 
 # -- loop ----------------------------------------------------------------------------------------
-def _drop_partial_line(path: str) -> None:
-  """A kill during an append can leave a last line without its newline; drop that fragment."""
-  try:
-    with open(path, "rb+") as f:
-      data = f.read()
-      if data and not data.endswith(b"\n"):
-        f.truncate(data.rfind(b"\n") + 1)
-  except FileNotFoundError:
-    pass
-
-
 def _meta_checker(config, dist, global_batch: int):
   """``check_meta`` for restore_latest: refuses a checkpoint of another model/optimizer/batch."""
   want = model_meta(config)["model"]
@@ -124,19 +148,25 @@ def _meta_checker(config, dist, global_batch: int):
   return check
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains to ``config.max_steps``, resuming from ``workdir``. Returns the final record."""
+def train_and_evaluate(config, workdir: str, optimizer=None) -> dict:
+  """Trains to ``config.max_steps``, resuming from ``workdir``. Returns the final record.
+
+  Args:
+    optimizer: instead of ``config.optim.name``, any optax ``GradientTransformation``, or a
+      function of the learning-rate schedule returning one (``config.optim``'s clipping is
+      still applied first). Under MPI every rank applies it to the allreduced gradient.
+  """
   validate_config(config)
   dist = parallel.init()
   prefix = f"[rank {dist.rank}] " if dist.size > 1 else ""
   watchdog = Watchdog(config.preemption_grace_s, configured_step_timeout_s(config), prefix)
   try:
-    return _train(config, os.path.abspath(workdir), dist, watchdog)
+    return _train(config, os.path.abspath(workdir), dist, watchdog, optimizer)
   finally:
     watchdog.close()
 
 
-def _train(config, workdir: str, dist: parallel.Dist, watchdog: Watchdog) -> dict:
+def _train(config, workdir: str, dist: parallel.Dist, watchdog: Watchdog, optimizer) -> dict:
   log = (lambda *a: print(*a, flush=True)) if dist.is_primary else (lambda *a: None)
   per_device = batch_per_device(config, dist)
   global_batch = per_device * dist.local_devices * dist.size
@@ -152,13 +182,23 @@ def _train(config, workdir: str, dist: parallel.Dist, watchdog: Watchdog) -> dic
   dist.barrier()
 
   model = build_model(config)
-  tx, schedule = optim.make_optimizer(config.optim, global_batch)
-  examples = build_examples(config, dist, workdir, log, per_device)
-  step_fn = parallel.DistributedStep(dist, model, tx)
-
+  tx, schedule = optim.make_optimizer(config.optim, global_batch, optimizer)
+  evaluator = None
+  if seg_eval.enabled(config):
+    evaluator = seg_eval.SegmentationEval(
+        config, dist, model_meta(config)["model"],
+        heartbeat=lambda: watchdog.beat("while running the segmentation eval"))
   manager = ckpt_lib.make_manager(ckpt_lib.checkpoint_dir(workdir), config.keep_checkpoints,
                                   create=dist.is_primary)
+  writer = MetricWriter(workdir, dist.is_primary, bool(config.get("tensorboard", True)))
   try:
+    # Fine-tuning starts from init_checkpoint, unless this run has checkpoints of its own; its
+    # geometry is checked before the (slow) training data is set up.
+    init = (load_init_params(config, model)
+            if config.get("init_checkpoint") and not manager.all_steps() else None)
+    examples = build_examples(config, dist, workdir, log, per_device)
+    step_fn = parallel.DistributedStep(dist, model, tx)
+
     def abstract():  # built only if a checkpoint's meta matches this config
       return _checkpoint_tree(abstract_state(config, model, tx), [examples.state()] * dist.size)
 
@@ -179,23 +219,37 @@ def _train(config, workdir: str, dist: parallel.Dist, watchdog: Watchdog) -> dic
       dist.barrier()
       log(f"resumed from {manager.directory} at step {int(state.step)}")
     else:
-      state = init_state(config, model, tx, dist)
+      state = init_state(config, model, tx, dist, init)
+      if init is not None:
+        log(f"fine-tuning from {config.init_checkpoint} (fresh optimizer, step 0)")
     state = parallel.put_on_first_device(state, dist)
-    return _loop(config, workdir, dist, watchdog, log, manager, schedule, examples, step_fn,
-                 state, restored is not None, global_batch)
+    return _loop(config, workdir, dist, watchdog, log, manager, writer, schedule, examples,
+                 step_fn, evaluator, state, restored is not None, global_batch)
   finally:
     manager.close()
+    writer.close()
 
 
-def _loop(config, workdir, dist, watchdog, log, manager, schedule, examples, step_fn, state,
-          resumed, global_batch) -> dict:
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  if dist.is_primary:
-    _drop_partial_line(metrics_path)
+def _loop(config, workdir, dist, watchdog, log, manager, writer, schedule, examples, step_fn,
+          evaluator, state, resumed, global_batch) -> dict:
   step = int(state.step)
   acc, t_window, n_window = _zero_acc(), time.perf_counter(), 0
   t_start, step_start = time.perf_counter(), step
   last_saved = step if resumed else -1
+  eval_s_in_window = 0.0  # excluded from the window's training throughput
+
+  # -- the periodic actions (ffn_jax.training.periodic): each a function of the step ----------
+  def log_window(at_step):
+    nonlocal acc, t_window, n_window, eval_s_in_window
+    now = time.perf_counter()
+    record = _record(acc, n_window, at_step, float(schedule(at_step - 1)), global_batch,
+                     now - t_window - eval_s_in_window, dist)
+    writer.write(record)
+    eta = (now - t_start) / max(at_step - step_start, 1) * (config.max_steps - at_step)
+    log(f"step {at_step}/{config.max_steps} loss {record['loss']:.4f} "
+        f"f1 {record['f1']:.3f} lr {record['learning_rate']:.2e} "
+        f"{record['fovs_per_s']:.2f} FOV/s  ETA {_fmt_eta(eta)}")
+    acc, t_window, n_window, eval_s_in_window = _zero_acc(), now, 0, 0.0
 
   def save(at_step, delay_s=0.0):
     nonlocal last_saved
@@ -204,21 +258,54 @@ def _loop(config, workdir, dist, watchdog, log, manager, schedule, examples, ste
     if dist.is_primary:
       if delay_s:
         time.sleep(delay_s)  # tests only: a save slower than the preemption grace
-      meta = {**model_meta(config), "ranks": dist.size, "global_batch": global_batch,
-              "config": json.loads(config.to_json_best_effort())}
-      ckpt_lib.save(manager, at_step, _checkpoint_tree(jax.device_get(state), gathered), meta)
+      ckpt_lib.save(manager, at_step, _checkpoint_tree(jax.device_get(state), gathered),
+                    _run_meta(config, dist, global_batch))
     dist.barrier()
     watchdog.beat(f"after saving the checkpoint of step {at_step}")
     last_saved = at_step
 
-  def preempted() -> bool:
-    flag = watchdog.sigterm_at is not None
-    return not dist.all_true(not flag) if dist.size > 1 else flag
+  best = None
+  if evaluator is not None and config.eval.keep_best and dist.is_primary:
+    best = ckpt_lib.BestParams(ckpt_lib.best_dir(workdir))
 
-  if step < config.max_steps and preempted():
+  def evaluate(at_step):
+    nonlocal eval_s_in_window
+    watchdog.beat(f"while evaluating at step {at_step}")
+    params = jax.device_get(state.params)
+    scores = evaluator(params)
+    record = {"eval": True, "step": at_step, "examples": at_step * global_batch, **scores}
+    eval_s_in_window += record["eval_s"]
+    if best is not None:
+      record["best"] = best.offer(at_step, params, record, _run_meta(config, dist, global_batch))
+    writer.write(record)
+    log(f"eval at step {at_step}: VI {record['vi']:.3f} (split {record['vi_split']:.3f}, merge "
+        f"{record['vi_merge']:.3f}) ARE {record['are']:.3f}, {record['segments']} segments, "
+        f"{100 * record['fraction_labelled']:.0f}% labelled, {record['fov_calls']} FOVs, "
+        f"{record['eval_s']:.1f} s" + (" (best so far)" if record.get("best") else ""))
+    watchdog.beat(f"after evaluating at step {at_step}")
+
+  actions = [
+      periodic.PeriodicAction("log", log_window, every_steps=config.log_every, at_end=True),
+      periodic.PeriodicAction("sync", lambda s: _check_sync(dist, state.params, s),
+                              every_steps=config.sync_check_every),
+      periodic.PeriodicAction("checkpoint", save, every_steps=config.checkpoint_every,
+                              at_end=True),
+  ]
+  eval_action = None
+  if evaluator is not None:
+    eval_action = periodic.PeriodicAction(
+        "eval", evaluate, every_steps=config.eval.every_steps, every_s=config.eval.every_s,
+        at_end=True)
+    actions.insert(1, eval_action)  # after logging the window, before sync check and save
+
+  if step < config.max_steps and dist.agree([], watchdog.sigterm_at is not None)[1]:
     raise Preempted(f"SIGTERM before training started; nothing new to save (rerun the same "
                     f"command to continue from step {step})")
+  if eval_action is not None and config.eval.at_start and step == 0 and not resumed:
+    eval_action(0)  # the starting point: e.g. the pretrained model before fine-tuning
   watchdog.beat(f"in step {step + 1} (the first of this run compiles)")
+  for action in actions:
+    action.start()
   while step < config.max_steps:
     t_data = time.perf_counter()
     batch = examples.next_batch()
@@ -239,40 +326,40 @@ def _loop(config, workdir, dist, watchdog, log, manager, schedule, examples, ste
           f"{manager.directory}")
     _accumulate(acc, stats, times, t_data)
     n_window += 1
-    if step % config.log_every == 0 or step == config.max_steps:
-      now = time.perf_counter()
-      record = _record(acc, n_window, step, float(schedule(step - 1)), global_batch,
-                       now - t_window, dist)
-      if dist.is_primary:
-        _append_jsonl(metrics_path, record)
-        eta = (now - t_start) / max(step - step_start, 1) * (config.max_steps - step)
-        log(f"step {step}/{config.max_steps} loss {record['loss']:.4f} "
-            f"f1 {record['f1']:.3f} lr {record['learning_rate']:.2e} "
-            f"{record['fovs_per_s']:.2f} FOV/s  ETA {_fmt_eta(eta)}")
-      acc, t_window, n_window = _zero_acc(), now, 0
-    if config.sync_check_every and step % config.sync_check_every == 0:
-      _check_sync(dist, state.params, step)
-    if preempted():
-      save(step, config.debug.get("preempt_save_delay_s", 0.0))
+    due, preempted = periodic.agreed_due(actions, dist, step, step == config.max_steps,
+                                         watchdog.sigterm_at is not None)
+    for action in due:
+      action(step)
+    if preempted:
+      if last_saved != step:
+        save(step, config.debug.get("preempt_save_delay_s", 0.0))
       raise Preempted(f"SIGTERM: saved checkpoint at step {step} in {manager.directory}; "
                       "rerun the same command to continue")
-    if step % config.checkpoint_every == 0 and step < config.max_steps:
-      save(step)
   if last_saved != step:
     save(step)
 
   fingerprints = _rank_fingerprints(dist, state.params)
   fingerprint = fingerprints[dist.rank]
+  wall_s = time.perf_counter() - t_start
   final = {"final": True, "step": step, "params_fingerprint": fingerprint,
            "rank_fingerprints": fingerprints, "ranks": dist.size,
            "local_devices": dist.local_devices, "global_batch": global_batch,
-           "wall_s": round(time.perf_counter() - t_start, 3)}
-  if dist.is_primary:
-    _append_jsonl(metrics_path, final)
-    log(f"done: step {step}, params_fingerprint {fingerprint[:16]}..., results in {workdir}")
+           "wall_s": round(wall_s, 3)}
+  for action in actions:
+    if action.name in ("eval", "checkpoint"):
+      final[f"time_{action.name}_s"] = round(action.spent_s, 3)
+      final[f"{action.name}_fraction"] = round(action.spent_s / max(wall_s, 1e-9), 4)
+  writer.write(final)
+  log(f"done: step {step}, params_fingerprint {fingerprint[:16]}..., results in {workdir}")
   if len(set(fingerprints)) != 1:
     raise TrainingDiverged(f"ranks ended with different parameters: {fingerprints}")
   return final
+
+
+def _run_meta(config, dist, global_batch) -> dict:
+  """What a checkpoint records besides the arrays: model geometry, normalization, the run."""
+  return {**model_meta(config), "ranks": dist.size, "global_batch": global_batch,
+          "config": json.loads(config.to_json_best_effort())}
 
 
 def _rank_fingerprints(dist, params) -> list[str]:
@@ -311,11 +398,6 @@ def _record(acc, n, step, lr, global_batch, elapsed, dist) -> dict:
           "local_devices": dist.local_devices, "global_batch": global_batch,
           "time_step_s": acc["time_step_s"] / n, "time_allreduce_s": acc["time_allreduce_s"] / n,
           "time_data_s": acc["time_data_s"] / n}
-
-
-def _append_jsonl(path, record) -> None:
-  with open(path, "a") as f:
-    f.write(json.dumps(record) + "\n")
 
 
 def _fmt_eta(seconds: float) -> str:

@@ -53,12 +53,26 @@ def validate_config(config) -> None:
        "step_timeout_s", "a number of seconds >= 0 (0 = off)", configured_step_timeout_s(config))
   need(number(config.data.image_stddev) and config.data.image_stddev > 0,
        "data.image_stddev", "a number > 0", config.data.image_stddev)
+  from ffn_jax.model import KERNEL_INITS  # local: keeps flax out of config validation's imports
+  kernel_init = config.model.get("kernel_init", "glorot_uniform")
+  need(kernel_init in KERNEL_INITS, "model.kernel_init", f"one of {sorted(KERNEL_INITS)}",
+       kernel_init)
   zyx("model.fov_size_zyx", config.model.fov_size_zyx, 1)
   zyx("model.deltas_zyx", config.model.deltas_zyx, 0)
   zyx("data.lom_radius_zyx", config.data.lom_radius_zyx, 0)
   zyx("data.box_start_zyx", config.data.box_start_zyx, 0)
   zyx("data.box_size_zyx", config.data.box_size_zyx, 1, allow_empty=True)
   zyx("data.synthetic_shape_zyx", config.data.synthetic_shape_zyx, 1)
+  e = config.get("eval")
+  if e is not None:
+    need(integer(e.every_steps) and e.every_steps >= 0, "eval.every_steps",
+         "an integer >= 0 (0 = not by steps)", e.every_steps)
+    need(number(e.every_s) and e.every_s >= 0, "eval.every_s", "a number of seconds >= 0",
+         e.every_s)
+    need(integer(e.batch_size) and e.batch_size >= 1, "eval.batch_size", "an integer >= 1",
+         e.batch_size)
+    zyx("eval.box_start_zyx", e.box_start_zyx, 0)
+    zyx("eval.box_size_zyx", e.box_size_zyx, 1, allow_empty=True)
 
 
 # Fields added after the first configs were written: configs of one's own may lack them.
@@ -89,31 +103,40 @@ def batch_per_device(config, dist: parallel.Dist) -> int:
 
 
 # -- data ----------------------------------------------------------------------------------------
+def read_labelled_box(image_spec, labels_spec, box_start_zyx, box_size_zyx, section: str):
+  """(image, labels) of one box of an image/labels volume pair, validated.
+
+  Args:
+    section: the config section the values come from ("data", "eval"), for error messages.
+  """
+  if not image_spec or not labels_spec:
+    raise UserError(f"set both {section}.image and {section}.labels (or neither, for synthetic "
+                    "data)")
+  image_vol, label_vol = open_volume(image_spec), open_volume(labels_spec)
+  if image_vol.shape != label_vol.shape:
+    raise UserError(f"image {image_vol.name} has shape {image_vol.shape} but labels "
+                    f"{label_vol.name} have shape {label_vol.shape} (zyx)")
+  if label_vol.dtype.kind not in "iu":
+    raise UserError(f"labels {label_vol.name} have dtype {label_vol.dtype}; "
+                    "labels must be integer object IDs")
+  shape = np.asarray(image_vol.shape)
+  start = np.asarray(box_start_zyx, int)
+  if np.any(start >= shape):
+    raise UserError(f"{section}.box_start_zyx {tuple(box_start_zyx)} lies outside the volumes "
+                    f"of shape {tuple(shape.tolist())} (zyx)")
+  size = np.asarray(box_size_zyx, int) if len(box_size_zyx) else shape - start
+  size = np.minimum(size, shape - start)
+  return image_vol.read(start, size), label_vol.read(start, size)
+
+
 def load_training_volumes(config):
   """(float32 normalized image, labels) of the training region, validated."""
   d = config.data
   if not d.image and not d.labels:
     image, labels = synthetic.make_volume(d.synthetic_shape_zyx, d.synthetic_objects,
                                           d.synthetic_seed)
-  elif not d.image or not d.labels:
-    raise UserError("set both data.image and data.labels (or neither, for synthetic data)")
   else:
-    image_vol, label_vol = open_volume(d.image), open_volume(d.labels)
-    if image_vol.shape != label_vol.shape:
-      raise UserError(f"image {image_vol.name} has shape {image_vol.shape} but labels "
-                      f"{label_vol.name} have shape {label_vol.shape} (zyx)")
-    if label_vol.dtype.kind not in "iu":
-      raise UserError(f"labels {label_vol.name} have dtype {label_vol.dtype}; "
-                      "labels must be integer object IDs")
-    shape = np.asarray(image_vol.shape)
-    start = np.asarray(d.box_start_zyx, int)
-    if np.any(start >= shape):
-      raise UserError(f"data.box_start_zyx {tuple(d.box_start_zyx)} lies outside the volumes of "
-                      f"shape {tuple(shape.tolist())} (zyx)")
-    size = np.asarray(d.box_size_zyx, int) if len(d.box_size_zyx) else shape - start
-    size = np.minimum(size, shape - start)
-    image = image_vol.read(start, size)
-    labels = label_vol.read(start, size)
+    image, labels = read_labelled_box(d.image, d.labels, d.box_start_zyx, d.box_size_zyx, "data")
   if labels.dtype.kind not in "iu":
     raise UserError(f"labels have dtype {labels.dtype}; labels must be integer object IDs")
   block = (np.asarray(config.model.fov_size_zyx)

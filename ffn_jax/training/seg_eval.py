@@ -1,0 +1,101 @@
+"""Segmentation validation during training: flood-fill a held-out volume with the current
+parameters, exactly as ``infer.py`` does, and score it against its labels.
+
+``SegmentationEval(config, dist)`` reads ``config.eval``'s image/labels box once, computes its
+seeds once (they depend on the image only) and builds one jitted predictor that is compiled on
+the first evaluation and reused with new parameters after that. ``__call__(params)`` runs
+on the rank ``eval.rank`` (every rank holds the same parameters, so the result does not depend
+on which one floods); the others wait without spinning a core and receive the record.
+
+The flood settings are ``config.eval``'s own copy of infer.py's (``inference.*``, seed policy,
+batch size: ``configs/fib25_infer.add_flood_settings``) and the code is infer.py's
+(``runner.make_canvas``, ``runner.seed_coords``, ``runner.make_predictor``).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+
+from ffn_jax import evaluation
+from ffn_jax.data import synthetic
+from ffn_jax.errors import UserError
+from ffn_jax.inference import runner
+from ffn_jax.training.setup import read_labelled_box
+
+
+def enabled(config) -> bool:
+  e = config.get("eval")
+  return e is not None and (int(e.every_steps) > 0 or float(e.every_s) > 0)
+
+
+def load_eval_volumes(config) -> tuple[np.ndarray, np.ndarray]:
+  """(float32 normalized image, labels) of the eval box: ``eval.image``/``eval.labels``, or a
+  synthetic volume like the training one's with ``eval.synthetic_seed``."""
+  e, d = config.eval, config.data
+  if not e.image and not e.labels:
+    image, labels = synthetic.make_volume(d.synthetic_shape_zyx, d.synthetic_objects,
+                                          int(e.synthetic_seed))
+  else:
+    image, labels = read_labelled_box(e.image, e.labels, e.box_start_zyx, e.box_size_zyx, "eval")
+  fov = np.asarray(config.model.fov_size_zyx)
+  if np.any(np.asarray(labels.shape) < fov):
+    raise UserError(f"eval box of shape {labels.shape} is smaller than one FOV "
+                    f"{tuple(fov.tolist())} (zyx)")
+  mean = float(e.image_mean) if e.image_mean > 0 else float(d.image_mean)
+  sd = float(e.image_stddev) if e.image_stddev > 0 else float(d.image_stddev)
+  return (image.astype(np.float32) - np.float32(mean)) / np.float32(sd), labels
+
+
+class SegmentationEval:
+  """Floods the eval box with given parameters; see the module docstring.
+
+  Args:
+    config: the training config (``eval``, ``model``, ``data`` sections).
+    dist: ``parallel.Dist``.
+    model: checkpoint-style model geometry (``depth``, ``features``, ``fov_size_zyx``,
+      ``deltas_zyx``).
+    heartbeat: called while flooding or waiting (the loop's watchdog: an eval is progress).
+  """
+
+  def __init__(self, config, dist, model: dict, heartbeat: Callable[[], None] = lambda: None):
+    self.cfg = config.eval
+    self.dist = dist
+    self.model = model
+    self.heartbeat = heartbeat
+    self.root = int(self.cfg.rank)
+    if not 0 <= self.root < dist.size:
+      raise UserError(f"eval.rank={self.root} is not a rank of this job (0..{dist.size - 1})")
+    runner.options_from_config(self.cfg)  # bad thresholds fail before training starts
+    self.conv_impl = str(self.cfg.conv_impl or config.model.conv_impl)
+    self._predictor = None
+    self.border = runner.BorderPadding(self.cfg, model)
+    if dist.rank == self.root:
+      image, self.labels = load_eval_volumes(config)
+      self.image = self.border.pad(image)
+      self.seeds = self.border.inside(runner.seed_coords(self.cfg, self.image), self.image.shape)
+
+  def _flood(self, params) -> tuple[np.ndarray, dict]:
+    if self._predictor is None:
+      self._predictor = runner.make_predictor(self.cfg, params, self.model, self.conv_impl)
+    else:
+      self._predictor.set_params(params)
+    canvas = runner.make_canvas(self.cfg, self.image, self._predictor, self.model)
+    canvas.set_seeds(self.seeds)
+    canvas.segment_all(lambda _: self.heartbeat())
+    return self.border.crop(canvas.segmentation), canvas.counters
+
+  def __call__(self, params) -> dict:
+    """The scores of ``params`` (and the seconds it took, ``eval_s``), on every rank."""
+    t0 = time.perf_counter()
+    record = None
+    if self.dist.rank == self.root:
+      seg, counters = self._flood(params)
+      m = evaluation.evaluate_segmentation(seg, self.labels)
+      record = {"vi": m["vi"], "vi_split": m["vi_split"], "vi_merge": m["vi_merge"],
+                "are": m["are"], "segments": int(counters.get("segments", 0)),
+                "fraction_labelled": m["fraction_labelled"],
+                "fov_calls": int(counters.get("fov_calls", 0))}
+    record = self.dist.bcast(record, root=self.root, heartbeat=self.heartbeat)
+    return {**record, "eval_s": time.perf_counter() - t0}

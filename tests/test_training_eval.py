@@ -1,0 +1,175 @@
+"""Segmentation validation in the training loop: eval records on schedule (one process and two
+MPI ranks), the same result whichever rank floods, the best-VI checkpoint and infer.py reading it,
+TensorBoard scalars, periodic schedules, and the curves plot."""
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, cli_env, read_metrics, run_train
+from ffn_jax import checkpoint
+from ffn_jax.training import periodic
+
+EVAL_KEYS = {"eval", "step", "examples", "vi", "vi_split", "vi_merge", "are", "segments",
+             "fraction_labelled", "fov_calls", "eval_s"}
+
+
+def _evals(workdir):
+  return [r for r in read_metrics(workdir) if r.get("eval")]
+
+
+def test_eval_records_on_schedule_and_best_checkpoint(tmp_path):
+  proc = run_train(tmp_path, "--config.max_steps=25", "--config.eval.every_steps=10")
+  assert proc.returncode == 0, proc.stderr
+  records = read_metrics(tmp_path)
+  evals = [r for r in records if r.get("eval")]
+  assert [r["step"] for r in evals] == [10, 20, 25]  # every 10 steps, and at the last step
+  for r in evals:
+    assert EVAL_KEYS <= set(r), set(r)
+    assert r["examples"] == r["step"] * 2  # tiny: global batch 2
+    assert np.isfinite(r["vi"]) and r["vi"] == pytest.approx(r["vi_split"] + r["vi_merge"])
+    assert 0 <= r["fraction_labelled"] <= 1 and r["fov_calls"] > 0 and r["eval_s"] > 0
+  assert "eval at step 10: VI" in proc.stdout
+  final = records[-1]
+  assert final["final"] and 0 < final["eval_fraction"] < 1 and final["time_eval_s"] > 0
+  # WORKDIR/best holds the parameters of the lowest VI, with its eval record.
+  best_vi = min(r["vi"] for r in evals)
+  best_step = max(r["step"] for r in evals if r["vi"] == best_vi)
+  assert [r["step"] for r in evals if r.get("best")][-1] == best_step
+  params, meta = checkpoint.load_params(str(tmp_path), kind="best")
+  assert meta["eval"]["vi"] == pytest.approx(best_vi) and meta["eval"]["step"] == best_step
+  assert meta["model"]["depth"] == 2 and set(params) >= {"conv0_a", "conv_lom"}
+
+
+def _infer(workdir, out, *extra):
+  argv = [sys.executable, "infer.py", "--config", "configs/synthetic_infer.py", "--workdir",
+          str(out), f"--config.checkpoint={workdir}", "--config.synthetic.shape_zyx=(24,40,40)",
+          "--config.progress_interval_s=-1", *extra]
+  return subprocess.run(argv, cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                        timeout=300)
+
+
+def test_infer_reads_the_best_checkpoint_of_a_workdir(tmp_path):
+  assert run_train(tmp_path / "w", "--config.max_steps=10",
+                   "--config.eval.every_steps=5").returncode == 0
+  proc = _infer(tmp_path / "w", tmp_path / "seg", "--config.checkpoint_kind=best")
+  assert proc.returncode == 0, proc.stderr
+  job = json.loads((tmp_path / "seg" / "job.json").read_text())
+  assert job["identity"]["checkpoint_kind"] == "best"
+  # A workdir without an eval has no best checkpoint: one line, exit 2.
+  assert run_train(tmp_path / "plain", "--config.max_steps=2").returncode == 0
+  proc = _infer(tmp_path / "plain", tmp_path / "seg2", "--config.checkpoint_kind=best")
+  assert proc.returncode == 2 and "no best checkpoint" in proc.stderr, proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_eval_at_start_scores_the_initial_parameters(tmp_path):
+  proc = run_train(tmp_path, "--config.max_steps=5", "--config.eval.every_steps=100",
+                   "--config.eval.at_start=true")
+  assert proc.returncode == 0, proc.stderr
+  assert [r["step"] for r in _evals(tmp_path)] == [0, 5]
+
+
+def test_eval_under_two_ranks_is_the_same_whichever_rank_floods(tmp_path):
+  runs = {}
+  for root in (0, 1):
+    work = tmp_path / f"root{root}"
+    proc = run_train(work, "--config.max_steps=20", "--config.eval.every_steps=10",
+                     f"--config.eval.rank={root}", ranks=2)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    runs[root] = read_metrics(work)
+  strip = lambda r: {k: v for k, v in r.items() if k not in ("eval_s", "best")}  # noqa: E731
+  evals = {root: [strip(r) for r in recs if r.get("eval")] for root, recs in runs.items()}
+  assert [r["step"] for r in evals[0]] == [10, 20]
+  assert evals[0] == evals[1]
+  assert evals[0][0]["examples"] == 10 * 4  # 2 ranks x batch 2
+  for recs in runs.values():
+    assert len(set(recs[-1]["rank_fingerprints"])) == 1
+  assert runs[0][-1]["params_fingerprint"] == runs[1][-1]["params_fingerprint"]
+
+
+def test_time_based_eval_under_two_ranks_does_not_desync(tmp_path):
+  # Ranks' clocks differ; rank 0's decides, so every rank takes part in every eval.
+  proc = run_train(tmp_path, "--config.max_steps=30", "--config.eval.every_s=0.3",
+                   "--config.sync_check_every=5", ranks=2)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  records = read_metrics(tmp_path)
+  assert len([r for r in records if r.get("eval")]) >= 2
+  assert len(set(records[-1]["rank_fingerprints"])) == 1
+
+
+def test_bad_eval_settings_are_one_line_errors(tmp_path):
+  for override, text in (("--config.eval.rank=3", "eval.rank=3"),
+                         ("--config.eval.inference.segment_threshold=1.5", "segment_threshold"),
+                         (f"--config.eval.image={tmp_path}/none.zarr", "eval.labels")):
+    proc = run_train(tmp_path / "w", "--config.max_steps=2", "--config.eval.every_steps=1",
+                     override)
+    assert proc.returncode == 2, (override, proc.stderr)
+    assert len(proc.stderr.strip().splitlines()) == 1 and text in proc.stderr, proc.stderr
+    assert not (tmp_path / "w" / "checkpoints").exists() or not os.listdir(
+        tmp_path / "w" / "checkpoints")
+
+
+# -- TensorBoard -----------------------------------------------------------------------------------
+def _tfrecords(path):
+  """The records of a TFRecord file (length, crc, data, crc)."""
+  with open(path, "rb") as f:
+    data = f.read()
+  pos, out = 0, []
+  while pos < len(data):
+    (length,) = struct.unpack("<Q", data[pos:pos + 8])
+    out.append(data[pos + 12:pos + 12 + length])
+    pos += 12 + length + 4
+  return out
+
+
+def test_tensorboard_scalars_match_metrics_jsonl(tmp_path):
+  from tensorboardX.proto import event_pb2
+  assert run_train(tmp_path, "--config.max_steps=20", "--config.eval.every_steps=10").returncode == 0
+  files = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+  assert len(files) == 1
+  scalars = {}
+  for raw in _tfrecords(files[0]):
+    event = event_pb2.Event.FromString(raw)
+    for v in event.summary.value:
+      scalars[(v.tag, event.step)] = v.simple_value
+  for r in read_metrics(tmp_path):
+    prefix = "eval/" if r.get("eval") else "final/" if r.get("final") else ""
+    for key in ("loss", "f1", "fovs_per_s", "vi", "vi_merge", "are", "wall_s"):
+      if key in r:
+        assert scalars[(prefix + key, r["step"])] == pytest.approx(r[key], rel=1e-6), key
+
+
+# -- periodic actions --------------------------------------------------------------------------------
+def test_periodic_action_schedules():
+  ran = []
+  by_steps = periodic.PeriodicAction("a", ran.append, every_steps=5, at_end=True)
+  assert [s for s in range(1, 13) if by_steps.due(s, 0.0, last=s == 12)] == [5, 10, 12]
+  by_time = periodic.PeriodicAction("t", ran.append, every_s=10.0)
+  by_time.start(now=100.0)
+  assert not by_time.due(1, 105.0, False) and by_time.due(2, 110.0, False)
+  by_time(2)
+  assert not by_time.due(2, 1e9, False)  # never twice at the same step
+  assert ran == [2] and by_time.runs == 1 and by_time.spent_s >= 0
+  assert not periodic.PeriodicAction("off", ran.append).enabled
+
+
+# -- plot ----------------------------------------------------------------------------------------
+def test_plot_overlays_runs_and_rejects_non_workdirs(tmp_path):
+  for name in ("a", "b"):
+    assert run_train(tmp_path / name, "--config.max_steps=10",
+                     "--config.eval.every_steps=5").returncode == 0
+  out = tmp_path / "curves.png"
+  proc = subprocess.run([sys.executable, "-m", "ffn_jax.plot", str(tmp_path / "a"),
+                         str(tmp_path / "b"), "--out", str(out)], cwd=REPO, env=cli_env(),
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+  proc = subprocess.run([sys.executable, "-m", "ffn_jax.plot", str(tmp_path / "nothing")],
+                        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and "no metrics.jsonl" in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1
