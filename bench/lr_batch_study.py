@@ -18,7 +18,9 @@ training loss/F1, and the loss on a held-out region: the final checkpoint
 (``ffn_jax.checkpoint.load_params``) is applied once to ``--val-fovs`` FOVs sampled (class-
 balanced, fixed seed, the same FOVs for every run) from data the run never trained on, each with
 the first-step seed of training (logit(0.05), logit(0.95) at the centre), and scored with the
-training loss against soft labels. Held-out data: synthetic configs generate a second volume with
+training loss against soft labels; and held-out segmentation VI: the final parameters flood the
+whole held-out region with the training loop's segmentation eval (``config.eval``'s settings,
+infer.py's code) and VI / adapted Rand are scored against its labels (``--no-eval-vi`` skips it). Held-out data: synthetic configs generate a second volume with
 ``--val-seed``; real-data configs hold out the last ``--val-fraction`` of the training box along y
 (training is restricted to the rest), so the reserved evaluation regions stay untouched.
 
@@ -71,6 +73,8 @@ def parse_args(argv=None):
   p.add_argument("--val-seed", type=int, default=1000, help="synthetic held-out volume seed")
   p.add_argument("--val-fraction", type=float, default=0.3,
                  help="real data: held-out share of the training box along y")
+  p.add_argument("--no-eval-vi", dest="eval_vi", action="store_false",
+                 help="skip the held-out segmentation (flood-fill + VI) after each run")
   p.add_argument("--out", default=os.path.join(_common.REPO, "runs", "lr_batch_study"))
   p.add_argument("--replot", default="",
                  help="comma-separated output folders of earlier studies: merge their "
@@ -169,6 +173,25 @@ def evaluate(params, config, fovs: dict, batch_size: int = 8) -> dict:
           "val_f1": f1}
 
 
+def segment_heldout(params, config, val_seed: int, val_box=None) -> dict:
+  """Held-out segmentation VI: the final parameters flood the held-out data with the training
+  loop's segmentation eval (infer.py's code, ``config.eval``'s flood settings)."""
+  from ffn_jax import parallel
+  from ffn_jax.training import loop, seg_eval
+  config = config.copy_and_resolve_references()
+  e = config.eval
+  if val_box is None:
+    e.image, e.labels, e.synthetic_seed = "", "", val_seed
+  else:
+    e.image, e.labels = config.data.image, config.data.labels
+    e.box_start_zyx, e.box_size_zyx = val_box
+  scores = seg_eval.SegmentationEval(config, parallel.Dist(),
+                                     loop.model_meta(config)["model"])(params)
+  return {"val_vi": scores["vi"], "val_vi_split": scores["vi_split"],
+          "val_vi_merge": scores["vi_merge"], "val_are": scores["are"],
+          "val_segments": scores["segments"], "val_eval_s": scores["eval_s"]}
+
+
 def final_params(workdir: str):
   """The parameters of the latest checkpoint of a training workdir."""
   from ffn_jax import checkpoint
@@ -232,7 +255,7 @@ def time_to_f1(records: list[dict], target: float, smooth: int = 1) -> dict:
 
 
 def run_one(args, base_config, name: str, optimizer: str, rule: str, warmup: int, batch: int,
-            val_fovs: dict) -> dict:
+            val_fovs: dict, val_box=None) -> dict:
   from ffn_jax import checkpoint, optim
   from ffn_jax.training import loop
   config = base_config.copy_and_resolve_references()
@@ -254,6 +277,7 @@ def run_one(args, base_config, name: str, optimizer: str, rule: str, warmup: int
   config.checkpoint_every = 10**9
   config.keep_checkpoints = 1
   config.sync_check_every = 0
+  config.eval.every_steps, config.eval.every_s = 0, 0.0  # held-out VI is scored after the run
   workdir = _common.fresh_workdir(os.path.join(args.out, "runs", name))
   row = {"name": name, "optimizer": optimizer, "rule": rule, "warmup_steps": warmup,
          "global_batch": batch, "base_lr": o.learning_rate, "reference_batch": o.reference_batch,
@@ -287,8 +311,12 @@ def run_one(args, base_config, name: str, optimizer: str, rule: str, warmup: int
   if row["status"].startswith("ok"):
     params = final_params(workdir)
     row.update(evaluate(params, config, val_fovs))
+    if args.eval_vi:
+      row.update(segment_heldout(params, config, args.val_seed, val_box))
   else:
     row.update(val_loss=None, val_precision=None, val_recall=None, val_f1=None)
+  for key in ("val_vi", "val_vi_split", "val_vi_merge", "val_are"):
+    row.setdefault(key, None)
   return row
 
 
@@ -300,15 +328,17 @@ def _fmt(v, spec):
 def table(rows: list[dict], target: float) -> str:
   head = ("| run | optimizer | rule | warmup | global batch | LR | steps | examples to F1 "
           f">= {target:g} | steps to F1 | s to F1 | train loss | train F1 | val loss | val F1 "
-          "| wall s | status |")
-  lines = [head, "|" + "---|" * 16]
+          "| val VI (split / merge) | wall s | status |")
+  lines = [head, "|" + "---|" * 17]
   for r in rows:
     lines.append(
         f"| {r['name']} | {r['optimizer']} | {r['rule']} | {r['warmup_steps']} | "
         f"{r['global_batch']} | {r['lr']:.2e} | {r['steps']} | {_fmt(r['examples_to_f1'], 'd')} | "
         f"{_fmt(r['steps_to_f1'], 'd')} | {_fmt(r['seconds_to_f1'], '.0f')} | "
         f"{_fmt(r['train_loss'], '.3f')} | {_fmt(r['train_f1'], '.3f')} | "
-        f"{_fmt(r['val_loss'], '.4f')} | {_fmt(r['val_f1'], '.3f')} | {r['wall_s']:.0f} | "
+        f"{_fmt(r['val_loss'], '.4f')} | {_fmt(r['val_f1'], '.3f')} | "
+        f"{_fmt(r.get('val_vi'), '.3f')} ({_fmt(r.get('val_vi_split'), '.2f')} / "
+        f"{_fmt(r.get('val_vi_merge'), '.2f')}) | {r['wall_s']:.0f} | "
         f"{r['status'].split(':')[0]} |")
   return "\n".join(lines)
 
@@ -437,10 +467,11 @@ def main(argv=None) -> int:
   rows = []
   for optimizer, rule, warmup, batch in combos:
     name = f"{optimizer}_{rule}_w{warmup}_b{batch}"
-    row = run_one(args, base, name, optimizer, rule, warmup, batch, val_fovs)
+    row = run_one(args, base, name, optimizer, rule, warmup, batch, val_fovs, val_box)
     rows.append(row)
     print(f"  {name}: lr {row['lr']:.2e}, {row['steps']} steps, examples to F1 "
           f"{_fmt(row['examples_to_f1'], 'd')}, val loss {_fmt(row['val_loss'], '.4f')}, "
+          f"val VI {_fmt(row['val_vi'], '.3f')}, "
           f"{row['wall_s']:.0f} s, {row['status'].split(':')[0]}", flush=True)
   result = write_outputs(args, rows, {
       "config": args.config, "overrides": args.overrides, "budget": budget, "heldout": held,

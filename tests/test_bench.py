@@ -154,10 +154,14 @@ def test_lr_batch_study_end_to_end(tmp_path):
   for run in out["runs"]:
     assert run["status"] == "ok" and run["examples"] >= 16
     assert run["val_loss"] > 0 and 0 <= run["val_f1"] <= 1
+    # Held-out segmentation: the final model floods the held-out volume.
+    assert run["val_vi"] == pytest.approx(run["val_vi_split"] + run["val_vi_merge"])
+    assert run["val_vi"] > 0 and 0 <= run["val_are"] <= 1
   by_name = {r["name"]: r for r in out["runs"]}
   assert by_name["adam_linear_w0_b2"]["lr"] == pytest.approx(by_name["adam_none_w0_b2"]["lr"] / 2)
   # Same LR, batch and data: the two batch-4 runs (reference batch 4) train identically.
   assert by_name["adam_linear_w0_b4"]["val_loss"] == by_name["adam_none_w0_b4"]["val_loss"]
+  assert by_name["adam_linear_w0_b4"]["val_vi"] == by_name["adam_none_w0_b4"]["val_vi"]
   assert "| adam_none_w0_b2 |" in (tmp_path / "table.md").read_text()
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["runs"][0]["curve"], "training curves are saved"
@@ -224,3 +228,26 @@ def test_precision_study_tiny(tmp_path):
   assert abs(ref["curve"][0]["loss"] - bf16["curve"][0]["loss"]) < 0.05
   for run in (ref, bf16):
     assert run["val_loss"] > 0 and 0 <= run["val_f1"] <= 1 and run["fovs_per_s"] > 0
+
+
+# -- baseline_watershed.py -------------------------------------------------------------------------
+def test_watershed_baseline_chooses_on_training_data_and_beats_trivial_segmentations():
+  import numpy as np
+
+  from ffn_jax import evaluation
+  from ffn_jax.data import synthetic
+  ws = _load("baseline_watershed")
+  train = synthetic.make_volume((24, 48, 48), n_objects=10, seed=0)
+  test = synthetic.make_volume((24, 48, 48), n_objects=10, seed=1)
+  grid = {"sigma": (0.5, 1.5), "seed_threshold": (0.0, 0.75), "min_seed": (0, 50)}
+  result = ws.run_baseline(*train, *test, grid=grid, log=lambda *a: None)
+  assert result["grid_size"] == 8
+  # The chosen parameters are the training-volume optimum ...
+  _, rows = ws.grid_search(*train, grid=grid, log=lambda *a: None)
+  assert result["train"]["vi"] == min(r["vi"] for r in rows)
+  assert set(result["params"]) == {"sigma", "seed_threshold", "min_seed"}
+  # ... and on held-out data they beat one segment and all-singleton extremes.
+  seg = result["segmentation"]
+  assert seg.shape == test[1].shape and seg.min() > 0
+  one = evaluation.evaluate_segmentation(np.ones_like(test[1]), test[1])["vi"]
+  assert result["test"]["vi"] < 0.5 * one, (result["test"], one)

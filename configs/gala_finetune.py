@@ -1,0 +1,40 @@
+"""Google's pretrained FIB-25 FFN fine-tuned on gala_train (gala_test is held out).
+
+Needs the imported checkpoint first:
+  python -m ffn_jax.import_tf_checkpoint ../shared/data/google_ffn_fib25/model.ckpt-27465036 \
+      --out runs/fib25_google
+The model geometry is Google's (depth 12, 32 features, FOV 33^3, deltas 8^3); the image is
+normalized with gala's own statistics (mean 148, sd 55), which puts gala's contrast on the scale
+the model saw on FIB-25 (normalized with FIB-25's 128 / 33). Adam at 1e-4 with a short warmup, so
+the first steps do not wreck what the model knows. The eval (gala_test, as in configs/gala.py)
+also runs at step 0: Google's model as it is.
+"""
+import os
+
+from configs import gala
+
+_REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+
+def get_config():
+  c = gala.get_config()
+  c.init_checkpoint = os.path.join(_REPO, "runs", "fib25_google")
+  c.model.depth = 12
+  c.model.features = 32
+  c.model.fov_size_zyx = (33, 33, 33)
+  c.model.deltas_zyx = (8, 8, 8)
+  c.data.lom_radius_zyx = (16, 16, 16)
+
+  c.batch_size = 4
+  c.optim.name = "adam"
+  c.optim.learning_rate = 1e-4
+  c.optim.reference_batch = 4
+  c.optim.warmup_steps = 100
+  c.optim.schedule = "constant"
+  c.max_steps = 2500
+  c.log_every = 20
+  c.checkpoint_every = 250
+  c.eval.every_s = 1200.0
+  c.eval.at_start = True  # step 0: Google's model as it is, through the same eval
+  c.eval.batch_size = 4
+  return c
