@@ -69,17 +69,23 @@ def run(argv: list[str] | None = None) -> dict:
     if not (vol.dtype == np.bool_ or np.issubdtype(vol.dtype, np.integer)):
       raise UserError(f"{flag} {vol.name} has dtype {vol.dtype}; label volumes must hold "
                       "integer IDs")
-  if seg.shape != truth.shape:
-    raise UserError(f"--segmentation has shape {seg.shape} (zyx) and --truth {truth.shape}; "
-                    "they must be equal")
-  shape = np.asarray(seg.shape)
+  shape = np.asarray(truth.shape)
   start = np.asarray(args.bbox_start_zyx or (0, 0, 0))
   size = shape - start if args.bbox_size_zyx is None else np.asarray(args.bbox_size_zyx)
   if np.any(start < 0) or np.any(size <= 0) or np.any(start + size > shape):
     raise UserError(f"bbox start {tuple(start.tolist())} size {tuple(size.tolist())} (zyx) is "
                     f"empty or outside the volumes of shape {tuple(shape.tolist())}")
+  # A segmentation of just the box (what infer.py writes for a bbox) is compared with the
+  # truth's box; one of the truth's shape is cut to the box like the truth.
+  seg_start = start
+  if seg.shape != truth.shape:
+    if args.bbox_size_zyx is None or tuple(seg.shape) != tuple(size.tolist()):
+      raise UserError(f"--segmentation has shape {seg.shape} (zyx) and --truth {truth.shape}; "
+                      "they must be equal, or the segmentation must have the shape of "
+                      "--bbox-size-zyx (a segmentation of just that box)")
+    seg_start = np.zeros(3, int)
   result = evaluation.evaluate_segmentation(
-      seg.read(start, size), truth.read(start, size),
+      seg.read(seg_start, size), truth.read(start, size),
       pred_unlabelled=args.pred_unlabelled, truth_zero=args.truth_zero)
   result.update({
       "segmentation": args.segmentation, "truth": args.truth,

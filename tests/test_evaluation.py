@@ -188,6 +188,22 @@ def test_cli_whole_volume_and_box(zarrs):
   assert out["voxels"] == 64 and out["bbox_start_zyx"] == [1, 2, 3]
 
 
+def test_cli_scores_a_segmentation_of_just_the_box(zarrs):
+  """infer.py writes the bbox only: with --bbox-*, its shape = the box size selects the truth's
+  box (the README's infer -> evaluate flow)."""
+  tmp_path, pred, truth = zarrs
+  volumes.write_zarr(str(tmp_path / "box.zarr"), pred[1:5, 2:6, 3:7])
+  proc = _run_cli("--segmentation", tmp_path / "box.zarr", "--truth", tmp_path / "truth.zarr",
+                  "--bbox-start-zyx", "1,2,3", "--bbox-size-zyx", "4,4,4")
+  assert proc.returncode == 0, proc.stderr
+  want = evaluation.evaluate_segmentation(pred[1:5, 2:6, 3:7], truth[1:5, 2:6, 3:7])
+  assert json.loads(proc.stdout)["vi"] == pytest.approx(want["vi"])
+  proc = _run_cli("--segmentation", tmp_path / "box.zarr", "--truth", tmp_path / "truth.zarr",
+                  "--bbox-start-zyx", "1,2,3", "--bbox-size-zyx", "4,4,3")
+  assert proc.returncode == 2 and "--bbox-size-zyx" in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_cli_reads_hdf5(tmp_path):
   import h5py
   pred, truth = _pair()
