@@ -34,9 +34,9 @@ def get_config():
   c.optim.learning_rate = 1e-3
   c.optim.reference_batch = 8
   c.optim.schedule = "cosine"
-  c.optim.decay_steps = 34000
+  c.optim.decay_steps = 28000
   c.optim.final_lr_fraction = 0.05
-  c.max_steps = 34000
+  c.max_steps = 28000
   c.log_every = 100
   c.checkpoint_every = 2000
 
