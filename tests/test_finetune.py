@@ -67,6 +67,7 @@ def test_finetuning_google_model_starts_at_its_loss(tmp_path):
   import jax
 
   from ffn_jax import checkpoint, losses, parallel
+  from ffn_jax.model import init_params
   from ffn_jax.training import loop, setup
   from bench._common import load_config
   ckpt = shared_data("google_ffn_fib25", "model.ckpt-27465036.index")
@@ -94,7 +95,7 @@ def test_finetuning_google_model_starts_at_its_loss(tmp_path):
     return float(losses.sigmoid_xent(model.apply({"params": p}, batch["image"], batch["seed"]),
                                      batch["labels"]))
   pretrained = loss(params)
-  fresh = loss(loop.init_params(model, jax.random.PRNGKey(0), config.model.fov_size_zyx))
+  fresh = loss(init_params(model, jax.random.PRNGKey(0), config.model.fov_size_zyx))
   assert abs(first - pretrained) < 0.1, (first, pretrained)
   assert abs(fresh - pretrained) > 0.3, (fresh, pretrained)
 

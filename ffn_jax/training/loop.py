@@ -1,7 +1,9 @@
 """``train_and_evaluate(config, workdir)``: the training loop and all its side effects.
 
-Resume order: the latest readable checkpoint in ``WORKDIR/checkpoints`` -> fresh init (rank 0's
-parameters broadcast to all ranks). Metrics go to ``WORKDIR/metrics.jsonl`` (rank 0 only); the
+Resume order: the latest readable checkpoint in ``WORKDIR/checkpoints`` -> ``init_checkpoint``
+(fine-tuning: its parameters, a fresh optimizer) -> fresh init; rank 0's parameters are
+broadcast to all ranks (``ffn_jax.training.start``). The periodic work (logging, evaluation,
+sync checks, checkpoints) is a list of ``periodic.PeriodicAction``s. Metrics go to ``WORKDIR/metrics.jsonl`` (rank 0 only); the
 last line is a final record with the parameter fingerprint of every rank.
 
 Failure handling: a checkpoint of a different model/optimizer/batch is refused before it is read
@@ -26,10 +28,11 @@ from ffn_jax import checkpoint as ckpt_lib
 from ffn_jax import cli
 from ffn_jax import losses, optim, parallel
 from ffn_jax.errors import UserError
-from ffn_jax.model import FFN, init_params
+from ffn_jax.training import periodic, seg_eval
 from ffn_jax.training.setup import (batch_per_device, build_examples, configured_step_timeout_s,
                                     validate_config)
-from ffn_jax.training import periodic, seg_eval
+from ffn_jax.training.start import (abstract_state, build_model, checkpoint_tree,
+                                    init_state, load_init_params, meta_checker, model_meta)
 from ffn_jax.training.state import TrainState, params_fingerprint
 from ffn_jax.training.writers import MetricWriter
 from ffn_jax.training.watchdog import EXIT_PREEMPTED, Watchdog  # noqa: F401 - re-exported
@@ -41,111 +44,6 @@ class TrainingDiverged(Exception):
 
 class Preempted(Exception):
   """SIGTERM arrived; a checkpoint was saved."""
-
-
-def build_model(config) -> FFN:
-  return FFN(depth=config.model.depth, features=config.model.features,
-             conv_impl=config.model.conv_impl,
-             kernel_init=config.model.get("kernel_init", "glorot_uniform"))
-
-
-def model_meta(config) -> dict:
-  return {"model": {"depth": config.model.depth, "features": config.model.features,
-                    "fov_size_zyx": list(config.model.fov_size_zyx),
-                    "deltas_zyx": list(config.model.deltas_zyx)},
-          "image_mean": config.data.image_mean, "image_stddev": config.data.image_stddev}
-
-
-# -- state ---------------------------------------------------------------------------------------
-def _key_data(rng):
-  return jax.random.key_data(rng) if hasattr(jax.random, "key_data") else rng
-
-
-def init_state(config, model, tx, dist, params=None) -> TrainState:
-  """Step 0: ``params`` (fine-tuning) or a fresh init, rank 0's broadcast to every rank."""
-  rng = jax.random.PRNGKey(config.seed)
-  if params is None:
-    params = init_params(model, rng, config.model.fov_size_zyx)
-  params = dist.broadcast_tree(params)
-  return TrainState(step=np.int32(0), params=params, opt_state=tx.init(params),
-                    rng=np.asarray(_key_data(rng)))
-
-
-def abstract_state(config, model, tx) -> TrainState:
-  """Shapes and dtypes of ``init_state``'s result, traced only: a resume (or a refused
-  checkpoint) never pays for compiling and running the initialization."""
-  def init():
-    rng = jax.random.PRNGKey(config.seed)
-    params = init_params(model, rng, config.model.fov_size_zyx)
-    return TrainState(step=np.int32(0), params=params, opt_state=tx.init(params),
-                      rng=_key_data(rng))
-  return jax.eval_shape(init)
-
-
-def load_init_params(config, model) -> dict:
-  """The parameters of ``config.init_checkpoint``, checked against the configured model.
-
-  Raises:
-    UserError: the path holds no readable checkpoint, or one of another model geometry.
-  """
-  path = config.init_checkpoint
-  try:
-    params, meta = ckpt_lib.load_params(path)
-  except ckpt_lib.CheckpointError as e:
-    raise UserError(f"init_checkpoint: {e}") from None
-  want = model_meta(config)["model"]
-  have = meta.get("model")
-  if not isinstance(have, dict):
-    raise UserError(f"init_checkpoint {path} records no model geometry (depth, features, "
-                    "fov_size_zyx, deltas_zyx)")
-  diff = [f"{k} {have.get(k)} (checkpoint) vs {want[k]} (config)" for k in want
-          if have.get(k) != want[k]]
-  if diff:
-    raise UserError(f"init_checkpoint {path} holds another model: {'; '.join(diff)}; set "
-                    "config.model.* to match it")
-  expected = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0),
-                                                config.model.fov_size_zyx))
-  try:
-    ckpt_lib.check_same_shapes(expected, params)
-  except ckpt_lib.CheckpointMismatch as e:
-    raise UserError(f"init_checkpoint {path}: {e}") from None
-  return params
-
-
-def _checkpoint_tree(state: TrainState, data_states: list[dict]) -> dict:
-  return {"train": state, "data": {k: np.stack([s[k] for s in data_states])
-                                   for k in data_states[0]}}
-
-
-# -- loop ----------------------------------------------------------------------------------------
-def _meta_checker(config, dist, global_batch: int):
-  """``check_meta`` for restore_latest: refuses a checkpoint of another model/optimizer/batch."""
-  want = model_meta(config)["model"]
-
-  def check(step, meta):
-    where = f"checkpoint step {step}"
-    fix = "use the config it was trained with, or another --workdir"
-    have = meta.get("model")
-    if isinstance(have, dict):
-      diff = [f"{k} {have.get(k)} (checkpoint) vs {want[k]} (config)" for k in want
-              if have.get(k) != want[k]]
-      if diff:
-        raise ckpt_lib.CheckpointMismatch(
-            f"{where} was trained with a different model: {'; '.join(diff)}; {fix}")
-    optim_name = meta.get("config", {}).get("optim", {}).get("name")
-    if optim_name is not None and optim_name != config.optim.name:
-      raise ckpt_lib.CheckpointMismatch(
-          f"{where} was trained with optim.name={optim_name!r}, not {config.optim.name!r}; {fix}")
-    if int(meta.get("ranks", dist.size)) != dist.size:
-      raise ckpt_lib.CheckpointMismatch(
-          f"{where} was written by {meta['ranks']} ranks; rerun with the same rank count "
-          f"(now {dist.size}) or start a new --workdir")
-    if int(meta.get("global_batch", global_batch)) != global_batch:
-      raise ckpt_lib.CheckpointMismatch(
-          f"{where} was trained with a global batch of {meta['global_batch']}, this run has "
-          f"{global_batch}; {fix}")
-
-  return check
 
 
 def train_and_evaluate(config, workdir: str, optimizer=None) -> dict:
@@ -200,10 +98,10 @@ def _train(config, workdir: str, dist: parallel.Dist, watchdog: Watchdog, optimi
     step_fn = parallel.DistributedStep(dist, model, tx)
 
     def abstract():  # built only if a checkpoint's meta matches this config
-      return _checkpoint_tree(abstract_state(config, model, tx), [examples.state()] * dist.size)
+      return checkpoint_tree(abstract_state(config, model, tx), [examples.state()] * dist.size)
 
     restored = ckpt_lib.restore_latest(manager, abstract, log=log,
-                                       check_meta=_meta_checker(config, dist, global_batch))
+                                       check_meta=meta_checker(config, dist, global_batch))
     steps = dist.allgather(None if restored is None else int(restored.step))
     if len(set(steps)) != 1:
       raise ckpt_lib.CheckpointError(
@@ -258,7 +156,7 @@ def _loop(config, workdir, dist, watchdog, log, manager, writer, schedule, examp
     if dist.is_primary:
       if delay_s:
         time.sleep(delay_s)  # tests only: a save slower than the preemption grace
-      ckpt_lib.save(manager, at_step, _checkpoint_tree(jax.device_get(state), gathered),
+      ckpt_lib.save(manager, at_step, checkpoint_tree(jax.device_get(state), gathered),
                     _run_meta(config, dist, global_batch))
     dist.barrier()
     watchdog.beat(f"after saving the checkpoint of step {at_step}")
