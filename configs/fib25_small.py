@@ -2,7 +2,7 @@
 
 The gala recipe (configs/gala.py: depth 6, 24 features, FOV 17^3, deltas 4^3, Adam 1e-3 with
 cosine decay, batch 8) on FIB-25 (normalized with 128 / 33): what a 2-core machine can train in
-an hour. Every 10 minutes and at the end the eval floods ``configs/fib25.EVAL_BOX`` (z >= 125)
+an hour. Every 20 minutes and at the end the eval floods ``configs/fib25.EVAL_BOX`` (z >= 125)
 with Google's inference settings.
 """
 from configs import fib25, gala
@@ -18,6 +18,6 @@ def get_config():
   c.max_steps = small.max_steps
   c.log_every = small.log_every
   c.checkpoint_every = small.checkpoint_every
-  c.eval.every_s = 600.0
+  c.eval.every_s = 1200.0
   c.eval.batch_size = 8
   return c
