@@ -2,8 +2,9 @@
 
 Both runs start from the same seed and see the same data stream for as long as their models agree
 (the recurrent FOV moves follow the model's own output, so the streams drift apart once the
-weights do). After training, both final models are scored on the same held-out FOVs with the
-float32 route, so the comparison is of what was learned, not of bf16 inference.
+weights do). After training, both final models are scored with the float32 route on the same held-out FOVs
+(loss, F1) and by segmenting the same held-out volume (VI, ``lr_batch_study.segment_heldout``),
+so the comparison is of what was learned, not of bf16 inference.
 
     python bench/precision_study.py --config configs/synthetic.py --steps 1500
     python bench/precision_study.py --config configs/fib25.py --steps 200 --val-fraction 0.2
@@ -84,7 +85,9 @@ def main(argv=None) -> int:
         "fovs_per_s": _common.steady_state(records, min(2 * windows[0]["step"],
                                                         windows[-1]["window_start"]))["fovs_per_s"],
     }
-    run.update(study.evaluate(study.final_params(workdir), eval_config, val))
+    params = study.final_params(workdir)
+    run.update(study.evaluate(params, eval_config, val))
+    run.update(study.segment_heldout(params, eval_config, args.val_seed, val_box))
     runs[route] = run
 
   ref, other = args.routes
@@ -97,13 +100,15 @@ def main(argv=None) -> int:
   for route, r in runs.items():
     print(f"# {route}: train loss (last quarter) {r['train_loss_last_quarter']:.4f}, "
           f"F1 {r['train_f1_last_quarter']:.3f}; held-out loss {r['val_loss']:.4f}, "
-          f"F1 {r['val_f1']:.3f}; {r['fovs_per_s']:.2f} FOV/s")
+          f"F1 {r['val_f1']:.3f}, VI {r['val_vi']:.3f} (split {r['val_vi_split']:.3f}, merge "
+          f"{r['val_vi_merge']:.3f}); {r['fovs_per_s']:.2f} FOV/s")
   summary = {
       "config": args.config, "steps": args.steps, "routes": args.routes,
       "eval_route": args.eval_route, "val_fovs": args.val_fovs,
       "speedup": runs[other]["fovs_per_s"] / runs[ref]["fovs_per_s"],
       "val_loss_ratio": runs[other]["val_loss"] / runs[ref]["val_loss"],
       "val_f1_diff": runs[other]["val_f1"] - runs[ref]["val_f1"],
+      "val_vi_diff": runs[other]["val_vi"] - runs[ref]["val_vi"],
       "machine": _common.machine(), "load_avg_end": _common.load_average(),
       "runs": runs,
   }

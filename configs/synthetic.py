@@ -35,6 +35,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.thresholds = (0.025, 0.05, 0.075, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
   c.data.min_size = 100
   c.data.fov_moves = 1
+  # "reflect": mirror the training volumes by half a training block, so that example centres
+  # cover the whole training region (thin volumes: with FOV 33^3 and 8^3 deltas, a 50-slice
+  # volume leaves centres on 2 slices only). "none": centres stay half a block inside.
+  c.data.border_padding = "none"
   c.data.move_threshold = 0.9
   c.data.augment = True
 

@@ -228,6 +228,8 @@ def test_precision_study_tiny(tmp_path):
   assert abs(ref["curve"][0]["loss"] - bf16["curve"][0]["loss"]) < 0.05
   for run in (ref, bf16):
     assert run["val_loss"] > 0 and 0 <= run["val_f1"] <= 1 and run["fovs_per_s"] > 0
+    assert run["val_vi"] == pytest.approx(run["val_vi_split"] + run["val_vi_merge"])
+  assert out["val_vi_diff"] == pytest.approx(bf16["val_vi"] - ref["val_vi"])
 
 
 # -- baseline_watershed.py -------------------------------------------------------------------------

@@ -141,6 +141,15 @@ def load_training_volumes(config):
     raise UserError(f"labels have dtype {labels.dtype}; labels must be integer object IDs")
   block = (np.asarray(config.model.fov_size_zyx)
            + 2 * np.asarray(config.model.deltas_zyx) * d.fov_moves)
+  padding = d.get("border_padding", "none")
+  if padding not in ("none", "reflect"):
+    raise UserError(f"data.border_padding must be 'none' or 'reflect', got {padding!r}")
+  if padding == "reflect":
+    # The volumes mirrored by half a training block: example centres can then lie anywhere in
+    # the training region (not only half a block inside it), as inference with
+    # border_padding=reflect centres FOVs; the partitions' margin keeps them out of the mirror.
+    width = [(int(b) // 2, int(b) // 2) for b in block]
+    image, labels = np.pad(image, width, mode="reflect"), np.pad(labels, width, mode="reflect")
   if np.any(np.asarray(labels.shape) < block):
     raise UserError(f"training volume of shape {labels.shape} is smaller than one training "
                     f"example (FOV + 2 x deltas x fov_moves = {tuple(block)}, zyx)")
