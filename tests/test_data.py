@@ -135,3 +135,28 @@ def test_iterator_state_restores_exactly():
     out = np.random.default_rng(1).normal(size=(2, 9, 9, 9, 1)).astype(np.float32) * 4
     a.update(out)
     b.update(out)
+
+
+def test_reflect_border_padding_lets_example_centres_cover_a_thin_volume():
+  """data.border_padding=reflect: the volumes are mirrored by half a training block, so the
+  sampling coordinates (partition margin = half a block) reach the training region's border."""
+  from configs import tiny
+  from ffn_jax.training import setup
+  config = tiny.get_config()
+  config.data.synthetic_shape_zyx = (12, 40, 40)  # thinner than a training block (9 + 2 x 2)
+
+  def centres(padding):
+    config.data.border_padding = padding
+    image, labels, block = setup.load_training_volumes(config)
+    coords = partitions.coordinates_by_class(partitions.compute_partitions(
+        labels, config.data.thresholds, config.data.lom_radius_zyx, config.data.min_size,
+        tuple(int(b) // 2 for b in block)))
+    return image, labels, np.concatenate(coords) - block // 2  # in the unpadded volume
+
+  image, labels, zyx = centres("reflect")
+  assert image.shape == labels.shape == (12 + 12, 40 + 12, 40 + 12)  # + 2 x (13 // 2)
+  assert zyx.min(axis=0).tolist() == [0, 0, 0] and zyx[:, 0].max() == 11
+  with pytest.raises(UserError, match="smaller than one training example"):
+    centres("none")
+  with pytest.raises(UserError, match="border_padding"):
+    centres("wrap")
