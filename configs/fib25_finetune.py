@@ -20,7 +20,7 @@ def get_config():
   c.init_checkpoint = os.path.join(_REPO, "runs", "fib25_google")
   c.optim.name = "sgd"  # Google's optimizer for this model (Adam: see the docstring)
   c.optim.learning_rate = 1e-3  # Google's FFN default, element-wise clipping at 0.7
-  c.max_steps = 2000
+  c.max_steps = 1000
   c.log_every = 20
   c.checkpoint_every = 250
   c.eval.every_s = 1200.0
