@@ -5,8 +5,9 @@ Needs the imported checkpoint (``python -m ffn_jax.import_tf_checkpoint
 on another FIB-25 volume (validation1), so this adapts it to training_sample2's slab by going on
 as Google trained it: plain SGD at 1e-3 with element-wise clipping at 0.7. Adam, even at 2e-5
 after a warmup, moved every weight by about its learning rate per step whatever its gradient and
-made the model worse (VI on the eval box 2.36 -> 2.95 in 875 steps: docs/quality.md). The eval (``configs/fib25.EVAL_BOX``, z >= 125,
-float32 convolutions as in Google's reference runs) also runs at step 0: Google's model as is.
+made the model worse (VI on the eval box 2.36 -> 2.95 in 875 steps: docs/quality.md). The eval
+(``configs/fib25.EVAL_BOX``, z >= 125, float32 convolutions as in Google's reference runs) also
+runs at step 0: Google's model as is.
 """
 import os
 

@@ -7,8 +7,8 @@ The model geometry is Google's (depth 12, 32 features, FOV 33^3, deltas 8^3); th
 normalized with gala's own statistics (mean 148, sd 55), which puts gala's contrast on the scale
 the model saw on FIB-25 (normalized with FIB-25's 128 / 33). It trains on as Google trained it:
 plain SGD at 1e-3, element-wise clipping at 0.7 (Adam at 1e-4, with example centres on gala's two
-middle slices only, took its gala_test VI from 1.22 to 1.73 in 1125 steps: docs/quality.md). The eval (gala_test, as in configs/gala.py)
-also runs at step 0: Google's model as it is.
+middle slices only, took its gala_test VI from 1.22 to 1.73 in 1125 steps: docs/quality.md). The
+eval (gala_test, as in configs/gala.py) also runs at step 0: Google's model as it is.
 """
 import os
 
