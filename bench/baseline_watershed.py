@@ -136,7 +136,8 @@ def main(argv=None) -> int:
   result = run_baseline(train[0], train[1], test[0], test[1])
   seg = result.pop("segmentation")
   if args.out:
-    volumes.write_zarr(args.out, seg)
+    volumes.write_zarr(args.out, seg, attrs={"offset_zyx": list(te_start),
+                                             "baseline": "seeded watershed", **result["params"]})
   print(f"{'volume':<10} {'VI':>7} {'split':>7} {'merge':>7} {'ARE':>7} {'segments':>9}")
   for name in ("train", "test"):
     m = result[name]

@@ -5,6 +5,8 @@ Usage:
       [--bbox-start-zyx 93,93,93 --bbox-size-zyx 64,64,64] \
       [--pred-unlabelled {as-segment,ignore,singletons}] [--truth-zero {ignore,as-segment}]
 
+A segmentation written by ``infer.py`` records where it sits in the volume (``offset_zyx`` in its
+``.zattrs``): the truth is cropped to match, and ``--bbox-*`` (truth coordinates) may narrow it.
 Volume specs are anything ``ffn_jax.data.volumes.open_volume`` accepts: a zarr/n5 folder,
 ``file.h5:dataset`` or a tensorstore JSON spec. Bad input prints one ``error: ...`` line, exit 2.
 """
@@ -46,9 +48,11 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--segmentation", required=True, help="predicted segmentation volume spec")
   p.add_argument("--truth", required=True, help="ground-truth label volume spec")
   p.add_argument("--bbox-start-zyx", type=_zyx, default=None,
-                 help="evaluate only this box: its start Z,Y,X (default: 0,0,0)")
+                 help="evaluate only this box, in truth coordinates: its start Z,Y,X (default: "
+                      "the segmentation's recorded offset_zyx, else 0,0,0)")
   p.add_argument("--bbox-size-zyx", type=_zyx, default=None,
-                 help="box size Z,Y,X (default: from the start to the end of the volume)")
+                 help="box size Z,Y,X (default: to the end of the segmentation's recorded box, "
+                      "else of the volume)")
   p.add_argument("--pred-unlabelled", choices=evaluation.PRED_UNLABELLED_MODES,
                  default="as-segment",
                  help="prediction ID 0: one segment (as-segment, the default), left out (ignore), "
@@ -57,6 +61,49 @@ def _parser() -> argparse.ArgumentParser:
                  help="truth ID 0: left out (ignore, the default; no effect when truth has no "
                       "0) or an ordinary segment (as-segment)")
   return p
+
+
+def _fmt(v) -> str:
+  return str(tuple(int(a) for a in v))
+
+
+def _boxes(args, seg, truth):
+  """(start, size) of the box to score in truth coordinates, and where it starts in ``seg``.
+
+  A segmentation that records ``offset_zyx`` (``infer.py`` writes it) sits at that offset in the
+  truth: by default its whole extent is scored, and a ``--bbox-*`` must lie inside it. Without a
+  recorded offset the segmentation is the truth's shape, or just the ``--bbox-*`` box.
+  """
+  shape = np.asarray(truth.shape)
+  offset = seg.offset_zyx()
+  if offset is not None:
+    lo, hi = np.asarray(offset), np.asarray(offset) + seg.shape
+    if np.any(lo < 0) or np.any(hi > shape):
+      raise UserError(f"--segmentation {seg.name} records offset_zyx {_fmt(lo)} and has shape "
+                      f"{_fmt(seg.shape)} (zyx): that box lies outside --truth of shape "
+                      f"{_fmt(shape)}; is it a segmentation of this volume?")
+    start = np.asarray(args.bbox_start_zyx or lo)
+    size = hi - start if args.bbox_size_zyx is None else np.asarray(args.bbox_size_zyx)
+    if np.any(size <= 0) or np.any(start < lo) or np.any(start + size > hi):
+      raise UserError(f"bbox start {_fmt(start)} size {_fmt(size)} (zyx) is empty or outside the "
+                      f"segmentation's box (start {_fmt(lo)} size {_fmt(seg.shape)}, from its "
+                      "recorded offset_zyx)")
+    return start, size, start - lo
+  start = np.asarray(args.bbox_start_zyx or (0, 0, 0))
+  size = shape - start if args.bbox_size_zyx is None else np.asarray(args.bbox_size_zyx)
+  if np.any(start < 0) or np.any(size <= 0) or np.any(start + size > shape):
+    raise UserError(f"bbox start {_fmt(start)} size {_fmt(size)} (zyx) is "
+                    f"empty or outside the volumes of shape {_fmt(shape)}")
+  # A segmentation of just the box is compared with the truth's box; one of the truth's shape is
+  # cut to the box like the truth.
+  if seg.shape == truth.shape:
+    return start, size, start
+  if args.bbox_size_zyx is None or tuple(seg.shape) != tuple(size.tolist()):
+    raise UserError(f"--segmentation has shape {seg.shape} (zyx) and --truth {truth.shape}; "
+                    "they must be equal, or the segmentation must record offset_zyx (as "
+                    "infer.py's do) or have the shape of --bbox-size-zyx (a segmentation of "
+                    "just that box)")
+  return start, size, np.zeros(3, int)
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -69,21 +116,7 @@ def run(argv: list[str] | None = None) -> dict:
     if not (vol.dtype == np.bool_ or np.issubdtype(vol.dtype, np.integer)):
       raise UserError(f"{flag} {vol.name} has dtype {vol.dtype}; label volumes must hold "
                       "integer IDs")
-  shape = np.asarray(truth.shape)
-  start = np.asarray(args.bbox_start_zyx or (0, 0, 0))
-  size = shape - start if args.bbox_size_zyx is None else np.asarray(args.bbox_size_zyx)
-  if np.any(start < 0) or np.any(size <= 0) or np.any(start + size > shape):
-    raise UserError(f"bbox start {tuple(start.tolist())} size {tuple(size.tolist())} (zyx) is "
-                    f"empty or outside the volumes of shape {tuple(shape.tolist())}")
-  # A segmentation of just the box (what infer.py writes for a bbox) is compared with the
-  # truth's box; one of the truth's shape is cut to the box like the truth.
-  seg_start = start
-  if seg.shape != truth.shape:
-    if args.bbox_size_zyx is None or tuple(seg.shape) != tuple(size.tolist()):
-      raise UserError(f"--segmentation has shape {seg.shape} (zyx) and --truth {truth.shape}; "
-                      "they must be equal, or the segmentation must have the shape of "
-                      "--bbox-size-zyx (a segmentation of just that box)")
-    seg_start = np.zeros(3, int)
+  start, size, seg_start = _boxes(args, seg, truth)
   result = evaluation.evaluate_segmentation(
       seg.read(seg_start, size), truth.read(start, size),
       pred_unlabelled=args.pred_unlabelled, truth_zero=args.truth_zero)

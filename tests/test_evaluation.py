@@ -204,6 +204,46 @@ def test_cli_scores_a_segmentation_of_just_the_box(zarrs):
   assert len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_cli_crops_the_truth_to_a_recorded_offset(zarrs):
+  """A segmentation that records offset_zyx (infer.py's) needs no --bbox-*; a --bbox-* narrows
+  it, in truth coordinates, and must lie inside it."""
+  tmp_path, pred, truth = zarrs
+  volumes.write_zarr(str(tmp_path / "box.zarr"), pred[1:5, 2:6, 3:7],
+                     attrs={"offset_zyx": [1, 2, 3]})
+  assert volumes.open_volume(str(tmp_path / "box.zarr")).offset_zyx() == (1, 2, 3)
+  args = ("--segmentation", tmp_path / "box.zarr", "--truth", tmp_path / "truth.zarr")
+  proc = _run_cli(*args)
+  assert proc.returncode == 0, proc.stderr
+  out = json.loads(proc.stdout)
+  want = evaluation.evaluate_segmentation(pred[1:5, 2:6, 3:7], truth[1:5, 2:6, 3:7])
+  assert out["vi"] == pytest.approx(want["vi"]) and out["voxels"] == want["voxels"]
+  assert out["bbox_start_zyx"] == [1, 2, 3] and out["bbox_size_zyx"] == [4, 4, 4]
+
+  proc = _run_cli(*args, "--bbox-start-zyx", "2,3,4", "--bbox-size-zyx", "2,2,3")
+  assert proc.returncode == 0, proc.stderr
+  want = evaluation.evaluate_segmentation(pred[2:4, 3:5, 4:7], truth[2:4, 3:5, 4:7])
+  assert json.loads(proc.stdout)["vi"] == pytest.approx(want["vi"])
+  proc = _run_cli(*args, "--bbox-start-zyx", "2,3,4")  # to the end of the recorded box
+  assert proc.returncode == 0 and json.loads(proc.stdout)["bbox_size_zyx"] == [3, 3, 3]
+
+  for extra in (("--bbox-start-zyx", "0,2,3"), ("--bbox-start-zyx", "1,2,3",
+                                                 "--bbox-size-zyx", "4,4,5")):
+    proc = _run_cli(*args, *extra)
+    assert proc.returncode == 2 and "recorded offset_zyx" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("offset", [[3, 2, 3], [0, 0, -1], [1, 2]])
+def test_cli_recorded_box_outside_the_truth_is_one_line_error(zarrs, offset):
+  tmp_path, pred, _ = zarrs
+  volumes.write_zarr(str(tmp_path / "box.zarr"), pred[1:5, 2:6, 3:7],
+                     attrs={"offset_zyx": offset})
+  proc = _run_cli("--segmentation", tmp_path / "box.zarr", "--truth", tmp_path / "truth.zarr")
+  assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and "offset_zyx" in lines[0]
+
+
 def test_cli_reads_hdf5(tmp_path):
   import h5py
   pred, truth = _pair()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ffn_jax import checkpoint, model
+from ffn_jax import checkpoint, evaluation, model
 from ffn_jax.data import volumes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,6 +93,19 @@ def test_cli_end_to_end(assets, tmp_path):
   with open(work / "segments.json") as f:
     segments = json.load(f)
   assert all(2 + 4 <= v for s in segments.values() for v in s["seed_zyx"])  # global coordinates
+  # It records where it sits, so evaluate needs no --bbox-* (the README's infer -> evaluate).
+  attrs = volumes.open_volume(str(work / "segmentation.zarr")).attrs
+  assert attrs["offset_zyx"] == [2, 2, 2] and attrs["ffn_jax"]["job"]["checkpoint"]
+  truth = np.random.default_rng(1).integers(1, 4, size=(28, 28, 28)).astype(np.uint32)
+  volumes.write_zarr(str(tmp_path / "truth.zarr"), truth)
+  r = subprocess.run([sys.executable, "-m", "ffn_jax.evaluate", "--segmentation",
+                      str(work / "segmentation.zarr"), "--truth", str(tmp_path / "truth.zarr")],
+                     cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr
+  scored = json.loads(r.stdout)
+  assert scored["bbox_start_zyx"] == [2, 2, 2] and scored["bbox_size_zyx"] == [24, 24, 24]
+  assert scored["vi"] == pytest.approx(evaluation.evaluate_segmentation(
+      seg, truth[2:26, 2:26, 2:26])["vi"])
   # The same command again: finished job, nothing is redone or overwritten.
   mtime = os.path.getmtime(work / "segmentation.zarr" / ".zarray")
   r = subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True,

@@ -6,6 +6,10 @@ A volume spec is one of:
 - ``path.h5:dataset`` (also ``.hdf5``, ``.hdf``);
 - a numpy array (tests, synthetic data).
 Multi-channel arrays are not supported: volumes are 3-D [z, y, x].
+
+A volume's user attributes (zarr ``.zattrs``, zarr v3 ``attributes``, n5 ``attributes.json``) are
+``Volume.attrs``; ``infer.py`` records there where its segmentation sits in the source volume
+(``offset_zyx``) so that evaluation can crop the truth to match.
 """
 from __future__ import annotations
 
@@ -23,11 +27,25 @@ _H5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 class Volume:
   """A 3-D array read by box. ``read(start_zyx, size_zyx)`` returns a numpy array."""
 
-  def __init__(self, shape, dtype, reader, name: str):
+  def __init__(self, shape, dtype, reader, name: str, attrs: dict | None = None):
     self.shape = tuple(int(s) for s in shape)
     self.dtype = np.dtype(dtype)
     self._reader = reader
     self.name = name
+    self.attrs = dict(attrs or {})
+
+  def offset_zyx(self) -> tuple[int, int, int] | None:
+    """Where this volume's voxel (0, 0, 0) sits in its source volume, if recorded."""
+    value = self.attrs.get("offset_zyx")
+    if value is None:
+      return None
+    try:
+      offset = tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+      offset = ()
+    if len(offset) != 3:
+      raise UserError(f"volume {self.name} records offset_zyx {value!r}; expected three integers")
+    return offset
 
   def read(self, start_zyx=(0, 0, 0), size_zyx=None) -> np.ndarray:
     start = np.asarray(start_zyx, int)
@@ -74,6 +92,21 @@ def _spec_for_path(path: str) -> dict:
   return {"driver": driver, "kvstore": {"driver": "file", "path": path}}
 
 
+def _read_attrs(path: str) -> dict:
+  """User attributes stored beside a zarr (v2 or v3) or n5 array folder; {} if none."""
+  for name, key in ((".zattrs", None), ("zarr.json", "attributes"), ("attributes.json", None)):
+    file = os.path.join(path, name)
+    if os.path.exists(file):
+      try:
+        with open(file) as f:
+          attrs = json.load(f)
+      except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the attributes {file}: {e}") from None
+      attrs = attrs.get(key, {}) if key else attrs
+      return attrs if isinstance(attrs, dict) else {}
+  return {}
+
+
 def _open_h5(path: str, dataset: str) -> Volume:
   import h5py  # local: only needed for HDF5 volumes
   path = os.path.abspath(path)
@@ -88,7 +121,7 @@ def _open_h5(path: str, dataset: str) -> Volume:
   ds = f[dataset]
   if ds.ndim != 3:
     raise UserError(f"{path}:{dataset} has {ds.ndim} dimensions; volumes must be 3-D zyx")
-  return Volume(ds.shape, ds.dtype, lambda sl: ds[sl], f"{path}:{dataset}")
+  return Volume(ds.shape, ds.dtype, lambda sl: ds[sl], f"{path}:{dataset}", dict(ds.attrs))
 
 
 def open_volume(spec: Any) -> Volume:
@@ -140,12 +173,17 @@ def open_volume(spec: Any) -> Volume:
     raise UserError(f"volume {json.dumps(spec)} has {store.ndim} dimensions; volumes must be 3-D")
   name = spec.get("kvstore", {}).get("path", json.dumps(spec)) if isinstance(
       spec.get("kvstore"), dict) else json.dumps(spec)
+  attrs = _read_attrs(name) if os.path.isdir(name) else {}
   return Volume(store.shape, store.dtype.numpy_dtype,
-                lambda sl: store[sl].read().result(), name)
+                lambda sl: store[sl].read().result(), name, attrs)
 
 
-def write_zarr(path: str, array: np.ndarray, chunks=(64, 64, 64)) -> None:
-  """Writes a zyx array as zarr v2 (blosc/zstd) with tensorstore, replacing ``path``."""
+def write_zarr(path: str, array: np.ndarray, chunks=(64, 64, 64),
+               attrs: dict | None = None) -> None:
+  """Writes a zyx array as zarr v2 (blosc/zstd) with tensorstore, replacing ``path``.
+
+  ``attrs`` (JSON-serializable) go to the array's ``.zattrs``, as zarr readers expect them.
+  """
   import tensorstore as ts
   path = os.path.abspath(path)
   chunks = [min(c, s) for c, s in zip(chunks, array.shape)]
@@ -155,3 +193,9 @@ def write_zarr(path: str, array: np.ndarray, chunks=(64, 64, 64)) -> None:
                    "compressor": {"id": "blosc", "cname": "zstd", "clevel": 3, "shuffle": 2}},
   }, create=True, delete_existing=True).result()
   store.write(array).result()
+  if attrs:
+    tmp = os.path.join(path, ".zattrs.tmp")
+    with open(tmp, "w") as f:
+      json.dump(attrs, f, indent=1, sort_keys=True)
+      f.write("\n")
+    os.replace(tmp, os.path.join(path, ".zattrs"))

@@ -3,6 +3,7 @@
 ``run(config, workdir)`` writes into ``workdir``:
 
 - ``segmentation.zarr``: zyx uint32 (uint64 if needed) segment IDs of the block, 0 = unlabelled;
+  its ``.zattrs`` record ``offset_zyx`` (the block's start), ``voxel_size_zyx`` and provenance;
 - ``counters.json``: fov_calls, wall_s, segments, voxels_labelled, per-stage times, ...;
 - ``segments.json``: per segment its seed (global zyx), FOV iterations, size and overlaps;
 - ``preview.png``: a few z slices with the segmentation over the image;
@@ -218,6 +219,19 @@ def job_identity(config, image_desc: str, bbox, model, mean, sd) -> dict:
   }
 
 
+def segmentation_attrs(identity: dict) -> dict:
+  """What ``segmentation.zarr`` records about itself (its ``.zattrs``).
+
+  ``offset_zyx``: where its voxel (0, 0, 0) sits in the source image, so that
+  ``ffn_jax.evaluate`` crops the truth to match; ``voxel_size_zyx``; and provenance: the job
+  identity (image, checkpoint, model, normalization, inference settings) and the version.
+  """
+  import ffn_jax
+  return {"offset_zyx": list(identity["bbox_start_zyx"]),
+          "voxel_size_zyx": list(identity["voxel_size_zyx"]),
+          "ffn_jax": {"version": ffn_jax.__version__, "job": identity}}
+
+
 def _check_workdir(workdir: str, identity: dict):
   """Returns 'fresh', 'resume' or 'done'; raises if workdir holds another job's results."""
   job_path = os.path.join(workdir, JOB)
@@ -360,7 +374,8 @@ def run(config, workdir: str, predict_fn=None) -> dict:
   t0 = time.perf_counter()
   seg = border.crop(canvas.segmentation)
   out_dtype = np.uint32 if canvas.max_id < 2**32 else np.uint64
-  volumes.write_zarr(os.path.join(workdir, SEGMENTATION), seg.astype(out_dtype))
+  volumes.write_zarr(os.path.join(workdir, SEGMENTATION), seg.astype(out_dtype),
+                     attrs=segmentation_attrs(identity))
   segments = {str(sid): {"seed_zyx": [int(a + b - w) for a, b, w in
                                       zip(o[0], bbox[0], border.width)],
                          "fov_iters": o[1], "voxels": o[2],
