@@ -26,5 +26,6 @@ def get_config():
   c.checkpoint_every = 250
   c.eval.every_s = 1200.0
   c.eval.at_start = True
-  c.eval.conv_impl = "onednn"  # float32 in the eval, whatever the training route
+  c.eval.conv_impl = "auto"  # float32 in the eval, whatever the training's compute dtype
+  c.eval.compute_dtype = "float32"
   return c

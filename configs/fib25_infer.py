@@ -61,6 +61,9 @@ def get_config() -> ml_collections.ConfigDict:
   # checkpoint with the best eval VI: "latest" or "best".
   c.checkpoint_kind = "latest"
   c.conv_impl = "auto"   # see ffn_jax.conv.available_routes()
+  # float32 | bfloat16 | auto (see ffn_jax.conv.select); '' = the compute dtype the checkpoint
+  # was trained with (float32 for checkpoints that record none, e.g. imported TF ones).
+  c.compute_dtype = ""
 
   add_flood_settings(c)
 

@@ -17,6 +17,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.fov_size_zyx = (17, 17, 17)
   c.model.deltas_zyx = (4, 4, 4)
   c.model.conv_impl = "auto"  # see ffn_jax.conv.available_routes()
+  # float32 | bfloat16 (bf16 conv operands, float32 accumulation, parameters, optimizer and
+  # loss) | auto (bfloat16 where the hardware has it natively and ffn_jax.conv.AUTO_PICKS_BF16;
+  # the log says what it picked and why). Recorded in checkpoints; inference follows it.
+  c.model.compute_dtype = "auto"
   # glorot_uniform (Google's current default) or truncated_normal (sd 0.01: how Google's released
   # model was first trained, over 27M steps; it stalls on short budgets).
   c.model.kernel_init = "glorot_uniform"
@@ -94,6 +98,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.image_mean = -1.0    # <= 0: data.image_mean / data.image_stddev
   c.eval.image_stddev = -1.0
   c.eval.conv_impl = ""       # '' = model.conv_impl
+  c.eval.compute_dtype = ""   # '' = the training's (model.compute_dtype as resolved)
   c.eval.keep_best = True     # WORKDIR/best: infer.py --config.checkpoint_kind=best
   c.eval.rank = 0             # the rank that floods (all ranks hold the same parameters)
   fib25_infer.add_flood_settings(c.eval)  # eval.inference.*, eval.seed_policy, eval.batch_size..

@@ -11,9 +11,19 @@ Every route here computes the same cross-correlation as TensorFlow's Conv3D:
   ``onednn_bf16``: the same with bfloat16 multiplies (float32 accumulation), ~1.7x faster again
   but not exact to float32 tolerance, so opt-in only.
 
+- ``xla_bf16``: ``xla`` with bfloat16 operands and float32 accumulation and output (cuDNN bf16
+  on GPUs).
+
 ``conv3d(x, kernel, bias, impl)`` dispatches; ``"auto"`` picks per backend: ``xla`` off CPU;
 on CPU ``onednn`` where the extension builds and loads, else ``im2col_kz``. The environment
 variable ``FFN_JAX_CONV_IMPL`` overrides what ``"auto"`` picks.
+
+Precision is chosen apart from the route: ``select(conv_impl, compute_dtype)`` maps a route and
+``compute_dtype`` (``float32``, ``bfloat16`` or ``auto``) to the route that runs, e.g.
+``onednn`` + ``bfloat16`` -> ``onednn_bf16``, ``xla`` + ``bfloat16`` -> ``xla_bf16``. In every
+bf16 route the operands are bfloat16 and the accumulation float32; parameters, activations between
+convs, gradients, optimizer state and the loss stay float32. ``auto`` takes bfloat16 where the
+hardware multiplies it natively (``native_bf16``) and ``AUTO_PICKS_BF16`` is on.
 """
 from __future__ import annotations
 
@@ -53,13 +63,94 @@ def _conv_im2col_kz(x_BZYXC, kernel_ZYXIO, precision=None):
   return out.reshape(b, z, y, x, cout)
 
 
+def _conv_xla_bf16(x_BZYXC, kernel_ZYXIO, precision=None):
+  del precision  # bf16 operands are the precision
+  return lax.conv_general_dilated(
+      x_BZYXC.astype(jnp.bfloat16), kernel_ZYXIO.astype(jnp.bfloat16), window_strides=(1, 1, 1),
+      padding="SAME", dimension_numbers=_DN_3D, preferred_element_type=jnp.float32)
+
+
 _ROUTES: dict[str, Callable] = {
     "xla": _conv_xla, "im2col_kz": _conv_im2col_kz, "onednn": _onednn.conv3d,
 }
 # Opt-in routes that trade accuracy for speed: selectable by name, never picked by "auto", and
 # not in available_routes() (whose routes all match "xla" to float32 tolerance).
-_APPROX_ROUTES: dict[str, Callable] = {"onednn_bf16": _onednn.conv3d_bf16}
+_APPROX_ROUTES: dict[str, Callable] = {"onednn_bf16": _onednn.conv3d_bf16,
+                                        "xla_bf16": _conv_xla_bf16}
 _NEEDS_ONEDNN = ("onednn", "onednn_bf16")
+_BF16_OF = {"onednn": "onednn_bf16", "onednn_bf16": "onednn_bf16", "xla": "xla_bf16",
+            "im2col_kz": "xla_bf16", "xla_bf16": "xla_bf16"}
+COMPUTE_DTYPES = ("float32", "bfloat16", "auto")
+# What compute_dtype="auto" does where the hardware has native bf16: decided by held-out
+# segmentation quality, float32 against bfloat16 over seeds (docs/benchmarks.md section 6).
+AUTO_PICKS_BF16 = False
+
+
+def _cpu_flags() -> set[str]:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return set(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  return set()
+
+
+def native_bf16() -> tuple[bool, str]:
+  """Whether the default backend multiplies bfloat16 natively here, and why (for the log)."""
+  backend = jax.default_backend()
+  if backend == "cpu":
+    units = sorted({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+    if not units:
+      return False, "this CPU has neither AVX512-BF16 nor AMX-BF16"
+    if not _onednn.available():
+      return False, f"the oneDNN route is unavailable ({_onednn.unavailable_reason()})"
+    return True, f"this CPU has {' and '.join(units)} (oneDNN bf16 route)"
+  capability = getattr(jax.devices()[0], "compute_capability", None)
+  try:
+    major = int(str(capability).split(".")[0])
+  except ValueError:
+    major = 0
+  if backend in ("gpu", "cuda") and major >= 8:
+    return True, f"GPU of compute capability {capability} (bf16 tensor cores)"
+  return False, f"backend {backend} (compute capability {capability}) has no native bf16 here"
+
+
+def select(impl: str = "auto", compute_dtype: str = "auto") -> tuple[str, str, str]:
+  """The route that runs for ``conv_impl`` and ``compute_dtype``: (route, dtype, why).
+
+  ``dtype`` is ``float32`` or ``bfloat16``, as computed. ``conv_impl=onednn_bf16`` (the older
+  spelling of ``onednn`` + ``bfloat16``) implies bfloat16.
+
+  Raises:
+    ValueError: an unknown route or dtype, an unavailable route, or a bf16 route with
+      ``compute_dtype=float32``.
+  """
+  if compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"unknown compute_dtype {compute_dtype!r}; choose one of {COMPUTE_DTYPES}")
+  route = resolve(impl)
+  if route in _APPROX_ROUTES:
+    if compute_dtype == "float32":
+      raise ValueError(f"conv_impl {impl!r} computes in bfloat16, but compute_dtype is float32; "
+                       "set conv_impl=auto (or onednn / xla) for float32")
+    return route, "bfloat16", f"conv_impl={impl}"
+  if compute_dtype == "auto":
+    native, why = native_bf16()
+    # On CPU only the oneDNN route multiplies bf16 natively; XLA's CPU bf16 conv does not.
+    native = native and (jax.default_backend() != "cpu" or route == "onednn")
+    if native and AUTO_PICKS_BF16:
+      compute_dtype, why = "bfloat16", f"compute_dtype=auto: {why}"
+    elif native:
+      compute_dtype = "float32"
+      why = f"compute_dtype=auto: float32 ({why}, but bf16 is not the default)"
+    else:
+      compute_dtype, why = "float32", f"compute_dtype=auto: float32 ({why})"
+  else:
+    why = f"compute_dtype={compute_dtype}"
+  if compute_dtype == "bfloat16":
+    route = _BF16_OF[route]
+  return route, compute_dtype, why
 
 
 def available_routes() -> list[str]:

@@ -20,8 +20,8 @@ ONEDNN_SKIP = pytest.mark.skipif(not onednn.available(),
                                  reason=f"oneDNN extension unavailable: {onednn.unavailable_reason()}")
 F32_ROUTES = ["im2col_kz", pytest.param("onednn", marks=ONEDNN_SKIP)]
 # bfloat16 products (8-bit mantissa) with float32 sums: ~1e-2 relative, so its own tolerance.
-ALL_ROUTES = [*F32_ROUTES, pytest.param("onednn_bf16", marks=ONEDNN_SKIP)]
-TOL = {"im2col_kz": 2e-5, "onednn": 2e-5, "onednn_bf16": 3e-2}
+ALL_ROUTES = [*F32_ROUTES, pytest.param("onednn_bf16", marks=ONEDNN_SKIP), "xla_bf16"]
+TOL = {"im2col_kz": 2e-5, "onednn": 2e-5, "onednn_bf16": 3e-2, "xla_bf16": 3e-2}
 
 
 def _close(actual, expected, tol):
@@ -206,6 +206,30 @@ def test_auto_resolution(monkeypatch):
   assert conv_lib.resolve("xla") == "xla"  # explicit choices are not overridden
   with pytest.raises(ValueError, match="unknown conv_impl"):
     conv_lib.resolve("nope")
+
+
+def test_compute_dtype_selects_the_route(monkeypatch):
+  """compute_dtype maps each route to its bf16 twin; float32 keeps the route; auto follows the
+  hardware and AUTO_PICKS_BF16; a bf16 route with float32 and unknown dtypes are refused."""
+  monkeypatch.delenv("FFN_JAX_CONV_IMPL", raising=False)
+  assert conv_lib.select("xla", "float32")[:2] == ("xla", "float32")
+  assert conv_lib.select("xla", "bfloat16")[:2] == ("xla_bf16", "bfloat16")
+  assert conv_lib.select("im2col_kz", "bfloat16")[:2] == ("xla_bf16", "bfloat16")
+  if onednn.available():
+    assert conv_lib.select("onednn", "bfloat16")[:2] == ("onednn_bf16", "bfloat16")
+    assert conv_lib.select("onednn_bf16", "auto")[:2] == ("onednn_bf16", "bfloat16")
+    with pytest.raises(ValueError, match="computes in bfloat16"):
+      conv_lib.select("onednn_bf16", "float32")
+  with pytest.raises(ValueError, match="unknown compute_dtype"):
+    conv_lib.select("auto", "fp16")
+  for picks in (False, True):
+    monkeypatch.setattr(conv_lib, "AUTO_PICKS_BF16", picks)
+    for native in (False, True):
+      monkeypatch.setattr(conv_lib, "native_bf16", lambda n=native: (n, "simulated"))
+      route, dtype, why = conv_lib.select("auto", "auto")
+      assert dtype == ("bfloat16" if picks and native and conv_lib.resolve("auto") != "im2col_kz"
+                       else "float32"), (picks, native, why)
+      assert route == conv_lib.select("auto", dtype)[0] and "simulated" in why
 
 
 def test_falls_back_to_pure_jax_when_extension_unavailable(monkeypatch):

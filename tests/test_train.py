@@ -1,6 +1,7 @@
 """End-to-end training through train.py: learning, exact resume, metrics, clean errors."""
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -87,3 +88,26 @@ def test_training_workdir_loads_for_inference(tmp_path):
   params, meta = checkpoint.load_params(str(tmp_path))
   assert meta["model"]["depth"] == 2 and count_params(params) > 0
   assert set(params) == {"conv0_a", "conv0_b", "conv1_a", "conv1_b", "conv_lom"}
+
+
+def test_compute_dtype_is_recorded_and_inference_follows_it(tmp_path):
+  """model.compute_dtype=bfloat16 trains with bf16 convs (float32 parameters), the checkpoint
+  records it, and inference uses it unless told otherwise."""
+  import ml_collections
+  from ffn_jax import checkpoint
+  from ffn_jax.inference import runner
+  proc = run_train(tmp_path / "w", "--config.max_steps=4", "--config.model.compute_dtype=bfloat16")
+  assert proc.returncode == 0, proc.stderr
+  assert "compute: bfloat16 convolutions" in proc.stdout
+  params, meta = checkpoint.load_params(str(tmp_path / "w"))
+  assert meta["compute_dtype"] == "bfloat16"
+  assert {str(p.dtype) for p in jax.tree_util.tree_leaves(params)} == {"float32"}
+  config = ml_collections.ConfigDict({"conv_impl": "auto", "compute_dtype": ""})
+  assert runner.compute_route(config, meta["compute_dtype"])[1] == "bfloat16"
+  config.compute_dtype = "float32"
+  assert runner.compute_route(config, meta["compute_dtype"])[:2] == (
+      runner.compute_route(config, "float32")[0], "float32")
+
+  bad = run_train(tmp_path / "x", "--config.max_steps=1", "--config.model.compute_dtype=fp16")
+  assert bad.returncode == 2 and "compute_dtype" in bad.stderr
+  assert len(bad.stderr.strip().splitlines()) == 1

@@ -184,7 +184,20 @@ def _load_model(config):
   sd = float(config.image_stddev) if config.image_stddev > 0 else meta.get("image_stddev")
   if mean is None or sd is None:
     raise UserError("set image_mean and image_stddev (the checkpoint does not record them)")
-  return params, model, float(mean), float(sd)
+  return params, model, float(mean), float(sd), str(meta.get("compute_dtype") or "float32")
+
+
+def compute_route(config, trained_dtype: str = "float32") -> tuple[str, str, str]:
+  """(conv route, compute dtype, why) for inference: ``compute_dtype``, or when it is '' the
+  dtype the checkpoint was trained with (``trained_dtype``)."""
+  from ffn_jax import conv as conv_lib  # jax import only when the model runs
+  dtype = str(config.get("compute_dtype", "")) or trained_dtype
+  why = "" if config.get("compute_dtype", "") else f" (the checkpoint's: {trained_dtype})"
+  try:
+    route, dtype, reason = conv_lib.select(str(config.conv_impl), dtype)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  return route, dtype, reason + why
 
 
 def _load_image(config):
@@ -199,7 +212,7 @@ def _load_image(config):
   raise UserError("no input image: set --config.image=SPEC")
 
 
-def job_identity(config, image_desc: str, bbox, model, mean, sd) -> dict:
+def job_identity(config, image_desc: str, bbox, model, mean, sd, compute_dtype: str) -> dict:
   """What determines the segmentation (batch size, intervals etc. do not)."""
   return {
       "image": image_desc,
@@ -209,7 +222,7 @@ def job_identity(config, image_desc: str, bbox, model, mean, sd) -> dict:
       "checkpoint_step": int(config.checkpoint_step),
       "checkpoint_kind": str(config.get("checkpoint_kind", "latest")),
       "model": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in model.items()},
-      "image_mean": mean, "image_stddev": sd,
+      "image_mean": mean, "image_stddev": sd, "compute_dtype": compute_dtype,
       "inference": {k: (list(v) if isinstance(v, tuple) else v)
                     for k, v in config.inference.to_dict().items()},
       "seed_policy": str(config.seed_policy), "seed_min_distance": int(config.seed_min_distance),
@@ -276,12 +289,13 @@ def run(config, workdir: str, predict_fn=None) -> dict:
   t_start = time.perf_counter()
   workdir = os.path.abspath(workdir)
   options_from_config(config)  # bad thresholds fail before any slow work
-  params, model, mean, sd = _load_model(config)
+  params, model, mean, sd, trained_dtype = _load_model(config)
+  route, compute_dtype, why = compute_route(config, trained_dtype)
   border = BorderPadding(config, model)
   t_model = time.perf_counter() - t_start
   source, image_desc = _load_image(config)
   bbox = resolve_bbox(source.shape, config.bbox_start_zyx, config.bbox_size_zyx)
-  identity = job_identity(config, image_desc, bbox, model, mean, sd)
+  identity = job_identity(config, image_desc, bbox, model, mean, sd, compute_dtype)
   os.makedirs(workdir, exist_ok=True)
   mode = _check_workdir(workdir, identity)
   if mode == "done":
@@ -299,7 +313,8 @@ def run(config, workdir: str, predict_fn=None) -> dict:
   timers["time_load_s"] = time.perf_counter() - t0
 
   batch_size = max(1, int(config.batch_size))
-  predictor = predict_fn or make_predictor(config, params, model, str(config.conv_impl))
+  _log(f"compute: {compute_dtype} convolutions, route {route} ({why})")
+  predictor = predict_fn or make_predictor(config, params, model, route)
   canvas = make_canvas(config, image, predictor, model, mask)
 
   state_path = os.path.join(workdir, STATE)

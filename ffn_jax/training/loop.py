@@ -32,7 +32,8 @@ from ffn_jax.training import periodic, seg_eval
 from ffn_jax.training.setup import (batch_per_device, build_examples, configured_step_timeout_s,
                                     validate_config)
 from ffn_jax.training.start import (abstract_state, build_model, checkpoint_tree,
-                                    init_state, load_init_params, meta_checker, model_meta)
+                                    compute_route, init_state, load_init_params, meta_checker,
+                                    model_meta)
 from ffn_jax.training.state import TrainState, params_fingerprint
 from ffn_jax.training.writers import MetricWriter
 from ffn_jax.training.watchdog import EXIT_PREEMPTED, Watchdog  # noqa: F401 - re-exported
@@ -79,6 +80,8 @@ def _train(config, workdir: str, dist: parallel.Dist, watchdog: Watchdog, optimi
       raise UserError(f"cannot write to workdir {workdir}: {e.strerror}") from None
   dist.barrier()
 
+  route, compute_dtype, why = compute_route(config)
+  log(f"compute: {compute_dtype} convolutions, route {route} ({why})")
   model = build_model(config)
   tx, schedule = optim.make_optimizer(config.optim, global_batch, optimizer)
   evaluator = None

@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from ffn_jax import conv as conv_lib
 from ffn_jax import evaluation
 from ffn_jax.data import synthetic
 from ffn_jax.errors import UserError
@@ -68,7 +69,12 @@ class SegmentationEval:
     if not 0 <= self.root < dist.size:
       raise UserError(f"eval.rank={self.root} is not a rank of this job (0..{dist.size - 1})")
     runner.options_from_config(self.cfg)  # bad thresholds fail before training starts
-    self.conv_impl = str(self.cfg.conv_impl or config.model.conv_impl)
+    try:
+      self.conv_impl = conv_lib.select(
+          str(self.cfg.conv_impl or config.model.conv_impl),
+          str(self.cfg.get("compute_dtype", "") or config.model.get("compute_dtype", "auto")))[0]
+    except ValueError as e:
+      raise UserError(f"eval: {e}") from None
     self._predictor = None
     self.border = runner.BorderPadding(self.cfg, model)
     if dist.rank == self.root:

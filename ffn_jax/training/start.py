@@ -8,22 +8,39 @@ import jax
 import numpy as np
 
 from ffn_jax import checkpoint as ckpt_lib
+from ffn_jax import conv as conv_lib
 from ffn_jax.errors import UserError
 from ffn_jax.model import FFN, init_params
 from ffn_jax.training.state import TrainState
 
 
+def compute_route(config) -> tuple[str, str, str]:
+  """(conv route, compute dtype, why) of ``model.conv_impl`` and ``model.compute_dtype``.
+
+  Raises:
+    UserError: an unknown or unavailable route or dtype.
+  """
+  try:
+    return conv_lib.select(str(config.model.conv_impl),
+                           str(config.model.get("compute_dtype", "auto")))
+  except ValueError as e:
+    raise UserError(f"model: {e}") from None
+
+
 def build_model(config) -> FFN:
   return FFN(depth=config.model.depth, features=config.model.features,
-             conv_impl=config.model.conv_impl,
+             conv_impl=compute_route(config)[0],
              kernel_init=config.model.get("kernel_init", "glorot_uniform"))
 
 
 def model_meta(config) -> dict:
+  """What checkpoints record about the model: geometry (checked on resume and fine-tuning),
+  the normalization and the compute dtype (which inference follows by default)."""
   return {"model": {"depth": config.model.depth, "features": config.model.features,
                     "fov_size_zyx": list(config.model.fov_size_zyx),
                     "deltas_zyx": list(config.model.deltas_zyx)},
-          "image_mean": config.data.image_mean, "image_stddev": config.data.image_stddev}
+          "image_mean": config.data.image_mean, "image_stddev": config.data.image_stddev,
+          "compute_dtype": compute_route(config)[1]}
 
 
 # -- state ---------------------------------------------------------------------------------------
