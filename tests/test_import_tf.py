@@ -14,6 +14,8 @@ import pytest
 
 from ffn_jax import checkpoint as checkpoint_lib
 from ffn_jax import import_tf_checkpoint as itc
+from ffn_jax.tf_bundle import crc as tf_crc
+from ffn_jax.tf_bundle import snappy as tf_snappy
 from ffn_jax import model as model_lib
 from ffn_jax.errors import UserError
 
@@ -42,22 +44,22 @@ def _run_cli(*args, timeout=120):
 
 # ------------------------------------------------------------------ format pieces, no data
 def test_crc32c_check_value_and_chunked_path():
-  assert itc.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
-  assert itc.crc32c(b"") == 0
+  assert tf_crc.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+  assert tf_crc.crc32c(b"") == 0
   data = np.random.default_rng(0).integers(0, 256, 70_001, dtype=np.uint8).tobytes()
   # Against a byte-at-a-time reference: covers the head bytes and the chunk-combining path.
   for n in (255, 256, 257, 5_000, 70_001):
     crc = 0xFFFFFFFF
     for b in data[:n]:
-      crc = itc._CRC_TABLE_LIST[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    assert itc.crc32c(data[:n]) == crc ^ 0xFFFFFFFF, n
-  assert itc.crc32c(data) != zlib.crc32(data)  # Castagnoli, not the zlib polynomial
+      crc = tf_crc._CRC_TABLE_LIST[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    assert tf_crc.crc32c(data[:n]) == crc ^ 0xFFFFFFFF, n
+  assert tf_crc.crc32c(data) != zlib.crc32(data)  # Castagnoli, not the zlib polynomial
 
 
 def test_snappy_literal_and_overlapping_copy():
   # "abc" literal, copy 9 bytes from offset 3 (overlaps itself), "X" literal.
   block = bytes([13, (3 - 1) << 2]) + b"abc" + bytes([((9 - 4) << 2) | 1, 3, 0]) + b"X"
-  assert itc._snappy_decompress(block) == b"abcabcabcabcX"
+  assert tf_snappy.decompress(block) == b"abcabcabcabcX"
 
 
 def test_missing_checkpoint_is_user_error(tmp_path):
