@@ -11,6 +11,7 @@ import pytest
 from scipy import ndimage
 
 from ffn_jax.inference import canvas as canvas_lib
+from ffn_jax.inference import options as options_lib
 from ffn_jax.inference import movement, seed
 
 FOV = (9, 9, 9)
@@ -56,7 +57,7 @@ def stub_predict(calls=None, fail_after=None):
 
 def make_canvas(labels, batch_size=1, predict=None, **opts):
   image = (labels * 10).astype(np.float32)
-  options = canvas_lib.InferenceOptions(**{"min_segment_size": 50, **opts})
+  options = options_lib.InferenceOptions(**{"min_segment_size": 50, **opts})
   c = canvas_lib.Canvas(image, predict or stub_predict(), batch_size, FOV, DELTAS, options)
   c.set_seeds(seed.policy_grid(image.shape, step=6, offsets=(4, 7)))
   return c
@@ -64,7 +65,7 @@ def make_canvas(labels, batch_size=1, predict=None, **opts):
 
 # ----------------------------------------------------------------------------------- thresholds
 def test_thresholds_are_float32_logits():
-  th = canvas_lib.Thresholds(canvas_lib.InferenceOptions())
+  th = options_lib.Thresholds(options_lib.InferenceOptions())
   for got, p in ((th.init, 0.95), (th.pad, 0.05), (th.move, 0.9), (th.segment, 0.6)):
     assert got.dtype == np.float32
     assert got == pytest.approx(np.log(p / (1 - p)), abs=1e-6)
@@ -72,7 +73,7 @@ def test_thresholds_are_float32_logits():
   # float32(logit(0.9)) = 2.1972246.
   assert th.move == np.float32(2.1972244)
   with pytest.raises(ValueError):
-    canvas_lib.Thresholds(canvas_lib.InferenceOptions(move_threshold=1.0))
+    options_lib.Thresholds(options_lib.InferenceOptions(move_threshold=1.0))
 
 
 def test_segment_threshold_applied_in_logit_space():
@@ -224,7 +225,7 @@ def test_mask_restricts_seeds_and_moves():
   mask[:, :, 17:] = True
   image = (labels * 10).astype(np.float32)
   c = canvas_lib.Canvas(image, stub_predict(), 1, FOV, DELTAS,
-                        canvas_lib.InferenceOptions(min_segment_size=50), mask=mask)
+                        options_lib.InferenceOptions(min_segment_size=50), mask=mask)
   c.set_seeds(seed.policy_grid(image.shape, step=6, offsets=(4, 7)))
   c.segment_all()
   assert c.counters["segments"] > 0

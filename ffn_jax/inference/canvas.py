@@ -25,109 +25,15 @@ segment's object (>= segment_threshold), which is where conflicts come from.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import time
 from typing import Callable
 
 import numpy as np
 
-from ffn_jax import model as model_lib
-from ffn_jax.inference.movement import FaceMaxPolicy
+from ffn_jax.inference import canvas_state
+from ffn_jax.inference.options import InferenceOptions, Thresholds
 from ffn_jax.inference.seed import SeedList
-
-STATE_VERSION = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class InferenceOptions:
-  """Google's InferenceOptions; thresholds are probabilities (converted to logits inside)."""
-  init_activation: float = 0.95
-  pad_value: float = 0.05
-  move_threshold: float = 0.9
-  segment_threshold: float = 0.6
-  min_segment_size: int = 1000
-  min_boundary_dist_zyx: tuple = (1, 1, 1)
-  disco_seed_threshold: float = 0.0  # < 0 disables disconnected-seed freezing
-
-
-def logit32(p: float) -> np.float32:
-  """A probability threshold as the float32 logit Google's canvas compares against.
-
-  Google stores options in float32 proto fields: p is rounded to float32, converted with a
-  float64 logit and stored (rounded) as float32 again.
-  """
-  return np.float32(model_lib.logit(float(np.float32(p))))
-
-
-class Thresholds:
-  """The logit-space thresholds of one InferenceOptions."""
-
-  def __init__(self, o: InferenceOptions):
-    for name in ("init_activation", "pad_value", "move_threshold", "segment_threshold"):
-      p = getattr(o, name)
-      if not 0.0 < p < 1.0:
-        raise ValueError(f"{name} must be a probability in (0, 1), got {p}")
-    self.init = logit32(o.init_activation)
-    self.pad = logit32(o.pad_value)
-    self.move = logit32(o.move_threshold)
-    self.segment = logit32(o.segment_threshold)
-    # Google's movement policy gets logit(move_threshold) in float64 and compares the float32
-    # face maxima against it in float64 (numpy 1.x scalar promotion).
-    self.move_f64 = model_lib.logit(float(np.float32(o.move_threshold)))
-    self.disco = float(o.disco_seed_threshold)
-    self.min_size = int(o.min_segment_size)
-    self.mbd = np.asarray(o.min_boundary_dist_zyx, np.int64)
-
-
-class _Segment:
-  """One segment being flooded: its object map, move queue and extent.
-
-  The canvas-sized object map is allocated when the segment first runs (``activate``), so
-  waiting segments in the look-ahead window cost no memory.
-  """
-
-  def __init__(self, cand_idx: int, start, canvas: "Canvas"):
-    self.cand_idx = int(cand_idx)
-    self.start = tuple(int(v) for v in start)
-    self.policy = FaceMaxPolicy(canvas.deltas, canvas.th.move_f64)
-    self.seed = None
-    self._shape = canvas.shape
-    self._init = canvas.th.init
-    self.reset()
-
-  def activate(self) -> None:
-    if self.seed is None:
-      self.seed = np.empty(self._shape, np.float32)
-      self.reset()
-
-  def reset(self) -> None:
-    if self.seed is not None:
-      self.seed.fill(np.nan)
-      self.seed[self.start] = self._init
-    self.policy.reset(self.start)
-    self.iters = 0
-    self.min_pos = np.array(self.start)
-    self.max_pos = np.array(self.start)
-    self.done = False
-    self.consulted: list = []  # positions whose segmentation value decided a pop
-
-  def get_state(self) -> dict:
-    st = {f"policy_{k}": v for k, v in self.policy.get_state().items()}
-    st.update(cand_idx=np.int64(self.cand_idx), start=np.array(self.start, np.int64),
-              seed=self.seed, iters=np.int64(self.iters), min_pos=self.min_pos,
-              max_pos=self.max_pos, done=np.bool_(self.done))
-    return st
-
-  def set_state(self, st: dict) -> None:
-    self.activate()
-    self.seed[...] = st["seed"]
-    self.policy.set_state({k[len("policy_"):]: v for k, v in st.items()
-                           if k.startswith("policy_")})
-    self.iters = int(st["iters"])
-    self.min_pos = np.asarray(st["min_pos"], np.int64)
-    self.max_pos = np.asarray(st["max_pos"], np.int64)
-    self.done = bool(st["done"])
+from ffn_jax.inference.segment import Segment
 
 
 class Canvas:
@@ -165,7 +71,7 @@ class Canvas:
     self.origins: dict = {}   # id -> (seed zyx, FOV iterations, voxels)
     self.overlaps: dict = {}  # id -> (earlier ids overlapped, overlapping voxel counts)
     self.counters: dict = {}
-    self.jobs: list[_Segment] = []
+    self.jobs: list[Segment] = []
     self.seeds: SeedList | None = None
 
   # ----------------------------------------------------------------------------- driving
@@ -217,10 +123,10 @@ class Canvas:
       if np.any(self.segmentation[self._box(pos, self.th.mbd)] > 0):
         self.count("seeds_skipped_boundary")
         continue
-      self.jobs.append(_Segment(idx, pos, self))
+      self.jobs.append(Segment(idx, pos, self))
 
   # ----------------------------------------------------------------------------- flooding
-  def _valid_move(self, job: _Segment, pos) -> bool:
+  def _valid_move(self, job: Segment, pos) -> bool:
     p = np.asarray(pos)
     if np.any(p < 0) or np.any(p >= self.shape):
       self.count("skip_invalid_pos")
@@ -237,7 +143,7 @@ class Canvas:
       return False
     return True
 
-  def _next_position(self, job: _Segment):
+  def _next_position(self, job: Segment):
     """Google's ``for pos in movement_policy`` loop head: the next FOV centre, or None."""
     while True:
       pos = job.policy.pop(lambda p: self._valid_move(job, p))
@@ -253,7 +159,7 @@ class Canvas:
         continue
       return pos
 
-  def _blocked(self, job: _Segment, earlier: list) -> bool:
+  def _blocked(self, job: Segment, earlier: list) -> bool:
     """True if ``job`` would likely collide with an earlier in-flight segment's object."""
     points = [job.start]
     head = job.policy.peek()
@@ -300,7 +206,7 @@ class Canvas:
       self._apply(job, pos, np.array(lg, np.float32))
     return True
 
-  def _apply(self, job: _Segment, pos, logits: np.ndarray) -> None:
+  def _apply(self, job: Segment, pos, logits: np.ndarray) -> None:
     """Google's ``update_at`` after the prediction, then the movement update."""
     sel = self._box(pos, self.margin)
     if self.th.disco >= 0 and np.mean(logits >= self.th.move) > self.th.disco:
@@ -324,7 +230,7 @@ class Canvas:
       if self.jobs:
         self.jobs[0].consulted = []  # the new head is no longer speculative
 
-  def _commit(self, job: _Segment) -> None:
+  def _commit(self, job: Segment) -> None:
     self.count("seeds_tried")
     if job.iters <= 0:
       self.count("failed_no_fov")
@@ -388,60 +294,9 @@ class Canvas:
 
   # ----------------------------------------------------------------------------- state
   def state_dict(self) -> dict:
-    """Everything needed to resume, as plain arrays (for np.savez, allow_pickle=False).
-
-    The head segment (the oldest in flight) is saved with its object map and queue; later,
-    speculative ones are not: the seed list resumes right after the head and redoes them.
-    """
-    ids = sorted(self.origins)
-    ov_sid, ov_id, ov_cnt = [], [], []
-    for sid in ids:
-      o_ids, o_counts = self.overlaps.get(sid, ((), ()))
-      ov_sid += [sid] * len(o_ids)
-      ov_id += list(o_ids)
-      ov_cnt += list(o_counts)
-    st = {
-        "version": np.int64(STATE_VERSION),
-        "segmentation": self.segmentation,
-        "max_id": np.int64(self.max_id),
-        "seed_coords": self.seeds.coords,
-        "origin_ids": np.array(ids, np.int64),
-        "origin_zyx": np.array([self.origins[i][0] for i in ids], np.int64).reshape(-1, 3),
-        "origin_iters": np.array([self.origins[i][1] for i in ids], np.int64),
-        "origin_sizes": np.array([self.origins[i][2] for i in ids], np.int64),
-        "overlap_sid": np.array(ov_sid, np.int64),
-        "overlap_id": np.array(ov_id, np.int64),
-        "overlap_count": np.array(ov_cnt, np.int64),
-        "counters_json": np.array(json.dumps(self.counters)),
-    }
-    head = self.jobs[0] if self.jobs else None
-    if head is not None and head.iters > 0:
-      st["seed_idx"] = np.int64(head.cand_idx + 1)
-      st.update({f"head_{k}": v for k, v in head.get_state().items()})
-    else:
-      st["seed_idx"] = np.int64(head.cand_idx if head is not None else self.seeds.idx)
-    return st
+    """Everything needed to resume (``canvas_state.state_dict``)."""
+    return canvas_state.state_dict(self)
 
   def load_state(self, st: dict) -> None:
     """Restores ``state_dict()`` output (seed list included)."""
-    if int(st["version"]) != STATE_VERSION:
-      raise ValueError(f"inference state version {int(st['version'])} != {STATE_VERSION}")
-    if tuple(st["segmentation"].shape) != self.shape:
-      raise ValueError(f"saved segmentation shape {st['segmentation'].shape} != {self.shape}")
-    self.segmentation = np.array(st["segmentation"], np.int32)
-    self.max_id = int(st["max_id"])
-    self.origins = {int(i): (tuple(int(v) for v in z), int(n), int(s)) for i, z, n, s in zip(
-        st["origin_ids"], st["origin_zyx"], st["origin_iters"], st["origin_sizes"])}
-    self.overlaps = {i: (np.zeros(0, np.int64), np.zeros(0, np.int64)) for i in self.origins}
-    for sid in self.origins:
-      sel = st["overlap_sid"] == sid
-      self.overlaps[sid] = (st["overlap_id"][sel].astype(np.int64),
-                            st["overlap_count"][sel].astype(np.int64))
-    self.counters = json.loads(str(st["counters_json"]))
-    self.set_seeds(st["seed_coords"], int(st["seed_idx"]))
-    self.jobs = []
-    if "head_seed" in st:
-      head = {k[len("head_"):]: v for k, v in st.items() if k.startswith("head_")}
-      job = _Segment(int(head["cand_idx"]), head["start"], self)
-      job.set_state(head)
-      self.jobs.append(job)
+    canvas_state.load_state(self, st)
