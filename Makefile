@@ -27,7 +27,7 @@ demo: setup
 	@echo "Results: runs/demo/metrics.jsonl (metrics), runs/demo/checkpoints/ (orbax checkpoints)"
 
 test: setup
-	PATH="$(VBIN):$$PATH" $(PY) -m pytest -q
+	PATH="$(VBIN):$$PATH" $(PY) -m pytest -q --durations=15
 
 clean:
 	rm -rf runs .pytest_cache

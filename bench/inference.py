@@ -1,11 +1,17 @@
 """Inference benchmark on a named crop of FIB-25 training_sample2 with Google's settings.
 
   python bench/inference.py --crop c64 --checkpoint /tmp/fib25_ckpt [--batch-sizes 1 4]
+  python bench/inference.py --crop c100 --compute-dtypes float32 bfloat16   # precision
+  python bench/inference.py --crop c100 --tile-size 60 --tile-overlap 20     # tiled + stitched
 
 Runs ``ffn_jax.inference.runner.run`` (configs/fib25_infer.py) once per batch size, then prints a
 table of VI / adapted Rand error against the ground truth of the crop (all voxels; unlabelled
 counts as one segment), FOV calls and wall time, next to Google's TensorFlow numbers for the same
 crop and to Google's published segmentation restricted to the crop, and a final JSON line.
+``--compute-dtypes`` runs each batch size in each precision (model.compute_dtype); with
+``--tile-size`` the crop is also segmented in overlapping tiles and stitched
+(``ffn_jax/inference/tiled.py``, first batch size and dtype) and compared with the single pass:
+VI between the two, and the single-pass segments that the stitched result splits.
 Crops are evaluation crops: never tune thresholds on them (../shared/data/README.md).
 """
 from __future__ import annotations
@@ -13,8 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import sys
 import tempfile
+import time
 
 import numpy as np
 
@@ -34,11 +42,24 @@ TF_REFERENCE = {"c64": {"vi": 1.763, "fov_calls": 67, "wall_s": 28.0},
 DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
 
 
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.machine()
+
+
 def _crop(volume_path: str, start: int, size: int) -> np.ndarray:
   return volumes.open_volume(volume_path).read((start,) * 3, (size,) * 3)
 
 
-def run_one(crop: str, checkpoint: str, batch_size: int, workdir: str, conv_impl: str) -> dict:
+def run_one(crop: str, checkpoint: str, batch_size: int, workdir: str, conv_impl: str,
+            compute_dtype: str = "float32", tile: int = 0, overlap: int = 0,
+            stitch: tuple = ()) -> dict:
   start, size = CROPS[crop]
   c = fib25_infer.get_config()
   c.checkpoint = checkpoint
@@ -46,10 +67,33 @@ def run_one(crop: str, checkpoint: str, batch_size: int, workdir: str, conv_impl
   c.bbox_size_zyx = (size,) * 3
   c.batch_size = batch_size
   c.conv_impl = conv_impl
+  c.compute_dtype = compute_dtype
   c.progress_interval_s = 30.0
-  counters = runner.run(c, workdir)
+  if tile:
+    from ffn_jax.inference import tiled
+    c.tile_size_zyx = (tile,) * 3
+    c.tile_overlap_zyx = (overlap,) * 3
+    if stitch:
+      c.stitch.min_overlap_voxels, c.stitch.min_fraction = stitch
+    t0 = time.perf_counter()
+    counters = tiled.run(c, workdir)
+    counters["wall_s"] = time.perf_counter() - t0
+  else:
+    counters = runner.run(c, workdir)
   seg = volumes.open_volume(os.path.join(workdir, runner.SEGMENTATION)).read()
   return {"counters": counters, "seg": seg}
+
+
+def split_objects(single: np.ndarray, tiled_seg: np.ndarray, min_size: int = 1000,
+                  min_part: float = 0.1) -> int:
+  """Single-pass segments (>= min_size voxels) whose voxels the tiled result spreads over two
+  or more IDs, each holding >= min_part of the segment: objects stitching left split."""
+  n = 0
+  ids, sizes = np.unique(single[single > 0], return_counts=True)
+  for sid in ids[sizes >= min_size]:
+    parts = np.unique(tiled_seg[single == sid], return_counts=True)[1]
+    n += int(np.sum(parts >= min_part * parts.sum()) >= 2)
+  return n
 
 
 def _row(name, m=None, counters=None, ref=None, same=""):
@@ -74,6 +118,12 @@ def main(argv=None) -> int:
                        " ../shared/data/google_ffn_fib25/model.ckpt-27465036 --out DIR)")
   ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
   ap.add_argument("--conv-impl", default="auto")
+  ap.add_argument("--compute-dtypes", nargs="+", default=["float32"],
+                  choices=["float32", "bfloat16", "auto"])
+  ap.add_argument("--tile-size", type=int, default=0, help="also run tiled (cubes of this size)")
+  ap.add_argument("--tile-overlap", type=int, default=32)
+  ap.add_argument("--stitch", default="",
+                  help="MIN_VOXELS,MIN_FRACTION pairs to restitch with, e.g. '100,0.6 1000,0.8'")
   ap.add_argument("--workdir", default="", help="default: a fresh temporary directory")
   args = ap.parse_args(argv)
 
@@ -85,12 +135,40 @@ def main(argv=None) -> int:
   base = args.workdir or tempfile.mkdtemp(prefix=f"bench_infer_{args.crop}_")
 
   results = {}
-  for b in args.batch_sizes:
-    r = run_one(args.crop, args.checkpoint, b, os.path.join(base, f"b{b}"), args.conv_impl)
+  for dtype in args.compute_dtypes:
+    for b in args.batch_sizes:
+      key = f"batch{b}" + ("" if dtype == "float32" else f"_{dtype}")
+      r = run_one(args.crop, args.checkpoint, b, os.path.join(base, key), args.conv_impl, dtype)
+      r["metrics"] = evaluation.evaluate_segmentation(r["seg"], truth)
+      if official is not None:
+        r["vs_official"] = evaluation.evaluate_segmentation(r["seg"], official)
+      results[key] = r
+  first_key = next(iter(results))
+  tiled_results = {}
+  for spec in ([None] + [tuple(float(v) for v in s.split(",")) for s in args.stitch.split()]
+               if args.tile_size else []):
+    name = "tiled" if spec is None else f"tiled_{int(spec[0])}_{spec[1]:g}"
+    stitch = () if spec is None else (int(spec[0]), spec[1])
+    r = run_one(args.crop, args.checkpoint, args.batch_sizes[0], os.path.join(base, "tiled"),
+                args.conv_impl, args.compute_dtypes[0], args.tile_size, args.tile_overlap,
+                stitch) if spec is None else None
+    if spec is not None:  # restitch the same tiles into another output
+      from ffn_jax.inference import tiled as tiled_lib
+      c = fib25_infer.get_config()
+      c.checkpoint, c.batch_size = args.checkpoint, args.batch_sizes[0]
+      c.bbox_start_zyx, c.bbox_size_zyx = (start,) * 3, (size,) * 3
+      c.conv_impl, c.compute_dtype = args.conv_impl, args.compute_dtypes[0]
+      c.tile_size_zyx, c.tile_overlap_zyx = (args.tile_size,) * 3, (args.tile_overlap,) * 3
+      c.stitch.min_overlap_voxels, c.stitch.min_fraction = stitch
+      c.stitch.output = f"{name}.zarr"
+      counters = tiled_lib.run(c, os.path.join(base, "tiled"))
+      r = {"counters": counters, "seg": volumes.open_volume(
+          os.path.join(base, "tiled", c.stitch.output)).read()}
     r["metrics"] = evaluation.evaluate_segmentation(r["seg"], truth)
-    if official is not None:
-      r["vs_official"] = evaluation.evaluate_segmentation(r["seg"], official)
-    results[b] = r
+    single = results[first_key]["seg"]
+    r["vs_single"] = evaluation.evaluate_segmentation(r["seg"], single)
+    r["split_objects"] = split_objects(single, r["seg"])
+    tiled_results[name] = r
 
   header = (f"{'run (' + args.crop + ')':<22} {'VI':>6} {'split':>6} {'merge':>6} {'ARE':>6} "
             f"{'segs':>5} {'FOVs':>6} {'calls':>6} {'wall_s':>8} {'=b1':>5}")
@@ -100,15 +178,33 @@ def main(argv=None) -> int:
     print(_row("google TF (reference)", ref=TF_REFERENCE[args.crop]))
   if official is not None:
     print(_row("google published, crop", evaluation.evaluate_segmentation(official, truth)))
-  first = results[args.batch_sizes[0]]["seg"]
-  for b, r in results.items():
+  first = results[first_key]["seg"]
+  for key, r in results.items():
     same = "yes" if np.array_equal(r["seg"], first) else "NO"
-    print(_row(f"ffn_jax batch {b}", r["metrics"], r["counters"], same=same))
+    print(_row(f"ffn_jax {key}", r["metrics"], r["counters"], same=same))
+  for name, r in tiled_results.items():
+    print(_row(f"{name} {args.tile_size}/{args.tile_overlap}", r["metrics"],
+               {"wall_s": r["counters"].get("wall_s")}))
+    print(f"  vs the single pass ({first_key}): VI {r['vs_single']['vi']:.4f} (split "
+          f"{r['vs_single']['vi_split']:.4f}, merge {r['vs_single']['vi_merge']:.4f}); "
+          f"{r['split_objects']} single-pass segments (>= 1000 voxels) split; "
+          f"{r['counters'].get('merges')} merges")
 
-  summary = {"crop": args.crop, "workdir": base, "reference_tf": TF_REFERENCE.get(args.crop)}
-  for b, r in results.items():
+  summary = {"crop": args.crop, "workdir": base, "reference_tf": TF_REFERENCE.get(args.crop),
+             "cpu": _cpu_model(), "load_avg_end": os.getloadavg()}
+  for name, r in tiled_results.items():
+    summary[name] = {"vi": r["metrics"]["vi"], "are": r["metrics"]["are"],
+                     "vi_vs_single": r["vs_single"]["vi"],
+                     "vi_split_vs_single": r["vs_single"]["vi_split"],
+                     "vi_merge_vs_single": r["vs_single"]["vi_merge"],
+                     "split_objects": r["split_objects"], "merges": r["counters"].get("merges"),
+                     "segments": r["counters"].get("segments"),
+                     "wall_s": r["counters"].get("wall_s"),
+                     "tile_size": args.tile_size, "tile_overlap": args.tile_overlap,
+                     "stitch": r["counters"].get("stitch")}
+  for key, r in results.items():
     c, m = r["counters"], r["metrics"]
-    summary[f"batch{b}"] = {
+    summary[key] = {
         "vi": m["vi"], "vi_split": m["vi_split"], "vi_merge": m["vi_merge"], "are": m["are"],
         "segments": c["segments"], "fov_calls": c["fov_calls"], "batches": c.get("batches"),
         "fov_wasted": c.get("fov_wasted", 0), "wall_s": c["wall_s"],

@@ -67,6 +67,18 @@ def get_config() -> ml_collections.ConfigDict:
 
   add_flood_settings(c)
 
+  # Whole volumes (ffn_jax.inference.tiled): tile_size_zyx > 0 segments the bbox in overlapping
+  # tiles, spread over the ranks of `mpirun -n R`, and stitches them into global IDs.
+  c.tile_size_zyx = (0, 0, 0)        # 0 = one box, as one job
+  c.tile_overlap_zyx = (32, 32, 32)  # at least this much overlap with each neighbour
+  c.stitch = ml_collections.ConfigDict()
+  # Merge two tiles' segments when they share >= min_overlap_voxels voxels in the tiles' overlap
+  # and that is >= min_fraction of each one's voxels there (> 0.5: one partner at most).
+  c.stitch.min_overlap_voxels = 100
+  c.stitch.min_fraction = 0.6
+  c.stitch.output = ""  # '' = segmentation.zarr (zarr) or segmentation/ (precomputed)
+  c.output_format = "zarr"  # of tiled runs: zarr | precomputed (neuroglancer)
+
   c.checkpoint_interval_s = 60.0  # inference_state.npz; 0 = after every batch, < 0 = never
   c.progress_interval_s = 10.0
   c.preview_slices = 3

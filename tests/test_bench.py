@@ -253,3 +253,19 @@ def test_watershed_baseline_chooses_on_training_data_and_beats_trivial_segmentat
   assert seg.shape == test[1].shape and seg.min() > 0
   one = evaluation.evaluate_segmentation(np.ones_like(test[1]), test[1])["vi"]
   assert result["test"]["vi"] < 0.8 * one, (result["test"], one)
+
+
+def test_gpu_check_runs_every_step_in_dry_mode():
+  """bench/gpu_check.py (the device check) at tiny sizes on whatever backend is here: every step
+  runs and reports, the imported model matches TensorFlow's logits, one JSON line at the end."""
+  from conftest import shared_data
+  data = shared_data()
+  shared_data("google_ffn_fib25", "reference_logits.npz")
+  _, out = _run("bench/gpu_check.py", "--data", data, "--dry", timeout=600)
+  assert {s: v["status"] for s, v in out["steps"].items()} == {
+      "logits": "ok", "conv_stack": "ok", "train": "ok", "inference": "ok"}
+  assert out["logits"]["ok"] and out["logits"]["max_abs_diff"] <= 1e-4
+  for dtype in ("float32", "bfloat16"):
+    assert out["conv_stack"][f"jax_{dtype}"]["train_fovs_per_s"] > 0
+    assert out["train"][dtype]["fovs_per_s"] > 0
+  assert out["inference"]["dry"]["fov_calls"] > 0 and 0 <= out["inference"]["dry"]["vi"] < 10

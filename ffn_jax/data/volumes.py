@@ -94,7 +94,8 @@ def _spec_for_path(path: str) -> dict:
 
 def _read_attrs(path: str) -> dict:
   """User attributes stored beside a zarr (v2 or v3) or n5 array folder; {} if none."""
-  for name, key in ((".zattrs", None), ("zarr.json", "attributes"), ("attributes.json", None)):
+  for name, key in ((".zattrs", None), ("zarr.json", "attributes"), ("attributes.json", None),
+                    ("provenance", None)):
     file = os.path.join(path, name)
     if os.path.exists(file):
       try:
@@ -169,11 +170,16 @@ def open_volume(spec: Any) -> Volume:
   except Exception as e:  # noqa: BLE001 - tensorstore raises ValueError/other for bad specs
     raise UserError(f"cannot open volume {json.dumps(spec)}: {' '.join(str(e).split())[:300]}") \
         from None
-  if store.ndim != 3:
-    raise UserError(f"volume {json.dumps(spec)} has {store.ndim} dimensions; volumes must be 3-D")
   name = spec.get("kvstore", {}).get("path", json.dumps(spec)) if isinstance(
       spec.get("kvstore"), dict) else json.dumps(spec)
   attrs = _read_attrs(name) if os.path.isdir(name) else {}
+  if store.ndim == 4 and store.domain.labels[-1] == "channel" and store.shape[-1] == 1:
+    # neuroglancer precomputed: x, y, z, channel, starting at its voxel_offset.
+    store = store[..., 0].T
+    attrs.setdefault("offset_zyx", [int(v) for v in store.domain.inclusive_min])
+    store = store[ts.d[:].translate_to[0]]
+  if store.ndim != 3:
+    raise UserError(f"volume {json.dumps(spec)} has {store.ndim} dimensions; volumes must be 3-D")
   return Volume(store.shape, store.dtype.numpy_dtype,
                 lambda sl: store[sl].read().result(), name, attrs)
 
@@ -199,3 +205,65 @@ def write_zarr(path: str, array: np.ndarray, chunks=(64, 64, 64),
       json.dump(attrs, f, indent=1, sort_keys=True)
       f.write("\n")
     os.replace(tmp, os.path.join(path, ".zattrs"))
+
+
+OUTPUT_FORMATS = ("zarr", "precomputed")
+
+
+class SegmentationWriter:
+  """A new segmentation volume written block by block (zyx, volume-relative coordinates).
+
+  ``zarr``: zarr v2 whose ``.zattrs`` hold ``attrs`` (with ``offset_zyx``). ``precomputed``:
+  neuroglancer precomputed segmentation (compressed_segmentation, ``voxel_offset`` = the
+  offset, ``resolution`` = the voxel size in x, y, z) that neuroglancer opens directly, with
+  ``attrs`` in a ``provenance`` file beside its ``info``. Both are written into ``path + '.tmp'``
+  and moved to ``path`` by ``finish()``, so a killed job leaves no partial output at ``path``.
+  """
+
+  def __init__(self, path: str, fmt: str, shape_zyx, offset_zyx, voxel_size_zyx, dtype,
+               attrs: dict, chunks=(64, 64, 64)):
+    import shutil
+
+    import tensorstore as ts
+    if fmt not in OUTPUT_FORMATS:
+      raise UserError(f"output_format must be one of {OUTPUT_FORMATS}, got {fmt!r}")
+    self.path, self.fmt, self.attrs = os.path.abspath(path), fmt, dict(attrs)
+    self.tmp = self.path + ".tmp"
+    if os.path.exists(self.tmp):
+      shutil.rmtree(self.tmp)
+    shape = [int(v) for v in shape_zyx]
+    chunks = [min(int(c), s) for c, s in zip(chunks, shape)]
+    dtype = np.dtype(dtype)
+    if fmt == "zarr":
+      self._store = ts.open({
+          "driver": "zarr", "kvstore": {"driver": "file", "path": self.tmp},
+          "metadata": {"shape": shape, "chunks": chunks, "dtype": dtype.str,
+                       "compressor": {"id": "blosc", "cname": "zstd", "clevel": 3,
+                                      "shuffle": 2}},
+      }, create=True).result()
+      self._view = self._store
+    else:
+      store = ts.open({
+          "driver": "neuroglancer_precomputed", "kvstore": {"driver": "file", "path": self.tmp},
+          "multiscale_metadata": {"type": "segmentation", "data_type": dtype.name,
+                                  "num_channels": 1},
+          "scale_metadata": {"size": shape[::-1], "voxel_offset": [int(v) for v in
+                                                                   offset_zyx][::-1],
+                             "resolution": [float(v) for v in voxel_size_zyx][::-1],
+                             "encoding": "compressed_segmentation",
+                             "compressed_segmentation_block_size": [8, 8, 8],
+                             "chunk_size": chunks[::-1]},
+      }, create=True).result()
+      self._store = store
+      self._view = store[..., 0].T[ts.d[:].translate_to[0]]
+
+  def write(self, start_zyx, block: np.ndarray) -> None:
+    sl = tuple(slice(int(a), int(a) + n) for a, n in zip(start_zyx, block.shape))
+    self._view[sl].write(block).result()
+
+  def finish(self) -> None:
+    name = ".zattrs" if self.fmt == "zarr" else "provenance"
+    with open(os.path.join(self.tmp, name), "w") as f:
+      json.dump(self.attrs, f, indent=1, sort_keys=True)
+      f.write("\n")
+    os.replace(self.tmp, self.path)

@@ -27,6 +27,7 @@ from ffn_jax import checkpoint as ckpt_lib
 from ffn_jax.data import volumes
 from ffn_jax.errors import UserError
 from ffn_jax.inference import canvas as canvas_lib
+from ffn_jax.inference import options as options_lib
 from ffn_jax.inference import preview, seed as seed_lib
 
 SEGMENTATION = "segmentation.zarr"
@@ -48,7 +49,7 @@ def _fmt_s(s: float) -> str:
   return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def _write_json(path: str, obj) -> None:
+def write_json(path: str, obj) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=1, sort_keys=True)
@@ -62,7 +63,7 @@ def _read_json(path: str):
 
 
 # ------------------------------------------------------------------------------------- inputs
-def options_from_config(config) -> canvas_lib.InferenceOptions:
+def options_from_config(config) -> options_lib.InferenceOptions:
   """The canvas options; raises UserError for values that are not probabilities etc."""
   o = config.inference
   for name in ("init_activation", "pad_value", "move_threshold", "segment_threshold"):
@@ -75,7 +76,7 @@ def options_from_config(config) -> canvas_lib.InferenceOptions:
     raise UserError(f"batch_size must be >= 1, got {config.batch_size}")
   if config.pad_batches not in ("buckets", "full"):
     raise UserError(f"pad_batches must be 'buckets' or 'full', got {config.pad_batches!r}")
-  return canvas_lib.InferenceOptions(
+  return options_lib.InferenceOptions(
       init_activation=float(o.init_activation), pad_value=float(o.pad_value),
       move_threshold=float(o.move_threshold), segment_threshold=float(o.segment_threshold),
       min_segment_size=int(o.min_segment_size),
@@ -161,7 +162,7 @@ def resolve_bbox(volume_shape, start_zyx, size_zyx):
   return start, size
 
 
-def _load_model(config):
+def load_model(config):
   if not config.checkpoint:
     raise UserError("no model checkpoint: pass --config.checkpoint=DIR (an orbax checkpoint, e.g."
                     " from train.py or ffn_jax.import_tf_checkpoint)")
@@ -200,7 +201,7 @@ def compute_route(config, trained_dtype: str = "float32") -> tuple[str, str, str
   return route, dtype, reason + why
 
 
-def _load_image(config):
+def load_image(config):
   """(Volume, description) of the input image: a volume spec, or a generated synthetic one."""
   if config.image:
     return volumes.open_volume(config.image), str(config.image)
@@ -289,11 +290,11 @@ def run(config, workdir: str, predict_fn=None) -> dict:
   t_start = time.perf_counter()
   workdir = os.path.abspath(workdir)
   options_from_config(config)  # bad thresholds fail before any slow work
-  params, model, mean, sd, trained_dtype = _load_model(config)
+  params, model, mean, sd, trained_dtype = load_model(config)
   route, compute_dtype, why = compute_route(config, trained_dtype)
   border = BorderPadding(config, model)
   t_model = time.perf_counter() - t_start
-  source, image_desc = _load_image(config)
+  source, image_desc = load_image(config)
   bbox = resolve_bbox(source.shape, config.bbox_start_zyx, config.bbox_size_zyx)
   identity = job_identity(config, image_desc, bbox, model, mean, sd, compute_dtype)
   os.makedirs(workdir, exist_ok=True)
@@ -301,7 +302,7 @@ def run(config, workdir: str, predict_fn=None) -> dict:
   if mode == "done":
     _log(f"{workdir} already holds the finished segmentation of this job; nothing to do")
     return _read_json(os.path.join(workdir, COUNTERS))
-  _write_json(os.path.join(workdir, JOB), {"identity": identity, "argv": sys.argv})
+  write_json(os.path.join(workdir, JOB), {"identity": identity, "argv": sys.argv})
   timers = {"time_model_load_s": t_model}
 
   t0 = time.perf_counter()
@@ -335,8 +336,9 @@ def run(config, workdir: str, predict_fn=None) -> dict:
   for k, v in timers.items():
     canvas.count(k, v)
 
-  if hasattr(predictor, "compile"):
-    canvas.count("time_compile_s", predictor.compile())
+  if hasattr(predictor, "compile"):  # a predictor shared by several runs (tiles) counts once
+    before = getattr(predictor, "compile_s", 0.0)
+    canvas.count("time_compile_s", predictor.compile() - before)
   compile0 = getattr(predictor, "compile_s", 0.0)
   padded0 = getattr(predictor, "padded_fovs", 0)
 
@@ -396,7 +398,7 @@ def run(config, workdir: str, predict_fn=None) -> dict:
                          "fov_iters": o[1], "voxels": o[2],
                          "overlaps": {str(int(i)): int(n) for i, n in zip(*canvas.overlaps[sid])}}
               for sid, o in sorted(canvas.origins.items())}
-  _write_json(os.path.join(workdir, "segments.json"), segments)
+  write_json(os.path.join(workdir, "segments.json"), segments)
   if int(config.preview_slices) > 0:
     preview.write_preview(os.path.join(workdir, "preview.png"), raw, seg,
                           int(config.preview_slices), title=f"bbox {bbox[0]} + {bbox[1]}")
@@ -411,7 +413,7 @@ def run(config, workdir: str, predict_fn=None) -> dict:
   counters.update(complete=True, batch_size=batch_size, bbox_start_zyx=list(bbox[0]),
                   bbox_size_zyx=list(bbox[1]), voxels_total=int(seg.size),
                   seeds_total=len(canvas.seeds))
-  _write_json(os.path.join(workdir, COUNTERS), counters)
+  write_json(os.path.join(workdir, COUNTERS), counters)
   if os.path.exists(state_path):
     os.remove(state_path)
   _log(f"done: {counters['segments']} segments, {counters['voxels_labelled']} / {seg.size} voxels "

@@ -1,0 +1,225 @@
+"""Whole volumes: overlapping tiles spread over MPI ranks, stitched into one segmentation.
+
+``infer.py`` runs this when ``tile_size_zyx`` is set. The bbox is cut into overlapping tiles
+(``ffn_jax.inference.tiling``); each tile is one ordinary single-box job (``runner.run``: the same
+Canvas, settings and results as a box run, its own resume state, finished when its
+``counters.json`` says so). Ranks take tiles one at a time by creating a claim file (an atomic
+``O_EXCL`` create in a folder of this launch), so a rank that finishes early takes the next
+tile: tiles differ greatly in cost. When all tiles are done rank 0 stitches them (rule:
+``tiling``'s docstring) and writes the volume core by core.
+
+``WORKDIR`` holds:
+
+- ``tiling.json``: the job and the tile plan (a rerun of another job is refused);
+- ``tiles/<z_y_x>/``: each tile's run (``segmentation.zarr``, ``counters.json``, ...), kept, so
+  that ``stitch.*`` can be changed and stitching redone without segmenting again;
+- ``claims/<launch>/``: which rank took which tile in each launch;
+- the stitched volume (``stitch.output``, default ``segmentation.zarr``, or a neuroglancer
+  precomputed folder with ``output_format=precomputed``), recording its offset, voxel size and
+  provenance; ``segments.json``: global ID -> voxels; ``stitch.json``: thresholds, merges, counts.
+
+A killed job, or a dead rank, loses at most the tiles in flight (each resumes from its own
+``inference_state.npz``): rerun the same command.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+
+import numpy as np
+
+from ffn_jax.data import volumes
+from ffn_jax.errors import UserError
+from ffn_jax.inference import runner, tiling
+
+TILING = "tiling.json"
+
+
+def _log(msg: str) -> None:
+  print(f"[infer] {msg}", flush=True)
+
+
+def enabled(config) -> bool:
+  return any(int(v) > 0 for v in config.get("tile_size_zyx", ()))
+
+
+def _tile_config(config, tile: tiling.Tile):
+  c = config.copy_and_resolve_references()
+  c.unlock()
+  c.bbox_start_zyx = tuple(tile.start)
+  c.bbox_size_zyx = tuple(tile.size)
+  c.tile_size_zyx = (0, 0, 0)
+  c.preview_slices = 0
+  c.lock()
+  return c
+
+
+def _stitch_settings(config) -> dict:
+  s = config.stitch
+  if int(s.min_overlap_voxels) < 1:
+    raise UserError(f"stitch.min_overlap_voxels must be >= 1, got {s.min_overlap_voxels}")
+  if not 0.5 < float(s.min_fraction) <= 1.0:
+    raise UserError(f"stitch.min_fraction must lie in (0.5, 1], got {s.min_fraction} (above "
+                    "0.5 a segment matches at most one segment of the neighbouring tile)")
+  return {"min_overlap_voxels": int(s.min_overlap_voxels), "min_fraction": float(s.min_fraction)}
+
+
+def _claim(folder: str, tile: tiling.Tile, rank: int) -> bool:
+  try:
+    fd = os.open(os.path.join(folder, tile.name), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+  except FileExistsError:
+    return False
+  with os.fdopen(fd, "w") as f:
+    f.write(f"rank {rank} pid {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+  return True
+
+
+def _tile_done(workdir: str, tile: tiling.Tile) -> bool:
+  path = os.path.join(workdir, "tiles", tile.name, runner.COUNTERS)
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    return bool(json.load(f).get("complete"))
+
+
+def run(config, workdir: str) -> dict:
+  """Segments ``config``'s bbox tile by tile over this job's ranks, then stitches (rank 0).
+
+  Returns the stitch summary (also ``stitch.json``) on rank 0, the tile counts elsewhere.
+  """
+  from ffn_jax import parallel  # jax, MPI: only once the job really runs
+  t0 = time.perf_counter()
+  workdir = os.path.abspath(workdir)
+  runner.options_from_config(config)
+  stitch_settings = _stitch_settings(config)
+  fmt = str(config.output_format)
+  if fmt not in volumes.OUTPUT_FORMATS:
+    raise UserError(f"output_format must be one of {volumes.OUTPUT_FORMATS}, got {fmt!r}")
+  params, model, mean, sd, trained_dtype = runner.load_model(config)
+  route, compute_dtype, why = runner.compute_route(config, trained_dtype)
+  source, image_desc = runner.load_image(config)
+  bbox = runner.resolve_bbox(source.shape, config.bbox_start_zyx, config.bbox_size_zyx)
+  tiles = tiling.plan(bbox[0], bbox[1], config.tile_size_zyx, config.tile_overlap_zyx)
+  identity = runner.job_identity(config, image_desc, bbox, model, mean, sd, compute_dtype)
+  identity["tile_size_zyx"] = [int(v) for v in config.tile_size_zyx]
+  identity["tile_overlap_zyx"] = [int(v) for v in config.tile_overlap_zyx]
+
+  dist = parallel.init()
+  if dist.is_primary:
+    os.makedirs(workdir, exist_ok=True)
+    _check_tiling(workdir, identity, tiles)
+  launch = dist.bcast(uuid.uuid4().hex[:12] if dist.is_primary else None)
+  claims = os.path.join(workdir, "claims", launch)
+  if dist.is_primary:
+    os.makedirs(claims, exist_ok=True)
+    _log(f"{len(tiles)} tiles of {tuple(config.tile_size_zyx)} (overlap "
+         f"{tuple(config.tile_overlap_zyx)}) over {dist.size} rank(s); compute: {compute_dtype}, "
+         f"route {route} ({why})")
+  dist.bcast(None)  # the claims folder exists before anyone claims
+
+  predictor = runner.make_predictor(config, params, model, route)
+  done_here = 0
+  for tile in tiles:
+    if _tile_done(workdir, tile) or not _claim(claims, tile, dist.rank):
+      continue
+    _log(f"rank {dist.rank}: tile {tile.name} start {tile.start} size {tile.size}")
+    counters = runner.run(_tile_config(config, tile), os.path.join(workdir, "tiles", tile.name),
+                          predict_fn=predictor)
+    if not counters.get("complete"):
+      break  # debug.stop_after_fov_calls: stopped as if killed
+    done_here += 1
+  dist.bcast(None)  # waits (polling, not spinning a core) for every rank's last tile
+  counts = dist.allgather(done_here)
+  if not dist.is_primary:
+    return {"tiles_segmented": counts}
+  missing = [t.name for t in tiles if not _tile_done(workdir, t)]
+  if missing:
+    raise UserError(f"tiles {missing} are not finished (a rank failed?); rerun the same command")
+  summary = stitch(workdir, tiles, identity, stitch_settings, config, fmt, bbox)
+  summary.update(tiles_segmented=counts, wall_s=time.perf_counter() - t0, ranks=dist.size)
+  runner.write_json(_beside(summary["output"], "stitch.json"), summary)
+  _log(f"done: {summary['segments']} segments from {len(tiles)} tiles, {summary['merges']} "
+       f"merges, {summary['wall_s']:.1f} s -> {summary['output']}")
+  return summary
+
+
+def _beside(out_path: str, name: str) -> str:
+  """``segments.json`` / ``stitch.json`` of an output: plain beside the default output, prefixed
+  with the output's name beside any other (``stitch.output``)."""
+  folder, base = os.path.split(out_path)
+  default = base in (runner.SEGMENTATION, "segmentation")
+  return os.path.join(folder, name if default else f"{base}.{name}")
+
+
+def _check_tiling(workdir: str, identity: dict, tiles) -> None:
+  path = os.path.join(workdir, TILING)
+  if os.path.exists(path):
+    with open(path) as f:
+      if json.load(f).get("identity") != identity:
+        raise UserError(f"{workdir} holds the tiles of a different job; use another --workdir "
+                        "(or delete it)")
+  elif os.path.exists(os.path.join(workdir, runner.SEGMENTATION)) or os.path.exists(
+      os.path.join(workdir, runner.JOB)):
+    raise UserError(f"{workdir} holds a single-box segmentation; use another --workdir")
+  else:
+    runner.write_json(path, {"identity": identity, "tiles": [t.to_json() for t in tiles]})
+
+
+def stitch(workdir: str, tiles, identity: dict, settings: dict, config, fmt: str, bbox) -> dict:
+  """Global IDs across tile borders, then the volume written core by core."""
+  t0 = time.perf_counter()
+  import ffn_jax
+  out_name = str(config.stitch.output) or (runner.SEGMENTATION if fmt == "zarr" else
+                                          "segmentation")
+  out_path = os.path.join(workdir, out_name)
+  attrs = {"offset_zyx": list(bbox[0]), "voxel_size_zyx": list(identity["voxel_size_zyx"]),
+           "ffn_jax": {"version": ffn_jax.__version__, "job": identity, "stitch": settings}}
+  if os.path.exists(out_path):
+    have = volumes.open_volume(out_path).attrs.get("ffn_jax", {})
+    if have.get("job") != identity or have.get("stitch") != settings:
+      raise UserError(f"{out_path} holds another job's or stitching's output; set "
+                      "--config.stitch.output=NAME to write this one beside it")
+    _log(f"{out_path} already holds this stitching; nothing to do")
+    with open(_beside(out_path, "stitch.json")) as f:
+      return json.load(f)
+
+  segs = [volumes.open_volume(os.path.join(workdir, "tiles", t.name, runner.SEGMENTATION))
+          for t in tiles]
+
+  def read(k: int, start, size) -> np.ndarray:
+    return segs[k].read(tuple(a - b for a, b in zip(start, tiles[k].start)), size)
+
+  max_ids, present = [], []
+  for k, t in enumerate(tiles):
+    max_ids.append(int(read(k, t.start, t.size).max(initial=0)))
+    core = read(k, t.core_start, t.core_size)
+    present.append(np.unique(core[core > 0]))
+  merges = []
+  for i in range(len(tiles)):
+    for j in range(i + 1, len(tiles)):
+      region = tiling.intersection(tiles[i], tiles[j])
+      if region is None:
+        continue
+      for a, b, _ in tiling.match(read(i, *region), read(j, *region),
+                                  settings["min_overlap_voxels"], settings["min_fraction"]):
+        merges.append((i, a, j, b))
+  tables, n = tiling.global_ids(max_ids, merges, present)
+  dtype = np.uint32 if n < 2**32 else np.uint64
+  writer = volumes.SegmentationWriter(out_path, fmt, bbox[1], bbox[0],
+                                      identity["voxel_size_zyx"], dtype, attrs)
+  sizes = np.zeros(n + 1, np.int64)
+  for k, t in enumerate(tiles):
+    core = tables[k][read(k, t.core_start, t.core_size)].astype(dtype)
+    writer.write(tuple(a - b for a, b in zip(t.core_start, bbox[0])), core)
+    sizes += np.bincount(core.ravel().astype(np.int64), minlength=n + 1)
+  writer.finish()
+  runner.write_json(_beside(out_path, "segments.json"),
+                    {str(i): int(v) for i, v in enumerate(sizes) if i > 0 and v > 0})
+  return {"output": out_path, "output_format": fmt, "segments": int(np.count_nonzero(sizes[1:])),
+          "merges": len(merges), "tile_segments": int(sum(len(p) for p in present)),
+          "voxels_labelled": int(sizes[1:].sum()), "voxels_total": int(np.prod(bbox[1])),
+          "stitch": settings, "time_stitch_s": time.perf_counter() - t0,
+          "bbox_start_zyx": list(bbox[0]), "bbox_size_zyx": list(bbox[1]),
+          "tiles": len(tiles)}

@@ -1,0 +1,241 @@
+"""Whole-volume inference: the tile plan, stitching into global IDs, and the tiled infer.py run
+(one rank, two ranks, resume, precomputed output, bad sizes)."""
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+
+from conftest import REPO, cli_env
+from ffn_jax import evaluation
+from ffn_jax.data import volumes
+from ffn_jax.errors import UserError
+from ffn_jax.inference import tiled, tiling
+
+
+@pytest.mark.parametrize("start,size,tile,overlap", [
+    ((0, 0, 0), (28, 28, 28), (16, 16, 16), (4, 4, 4)),
+    ((3, 5, 7), (40, 17, 9), (16, 16, 16), (6, 2, 0)),
+    ((0, 0, 0), (10, 64, 33), (12, 20, 20), (5, 9, 3)),
+])
+def test_tile_cores_cover_every_voxel_exactly_once(start, size, tile, overlap):
+  tiles = tiling.plan(start, size, tile, overlap)
+  hits = np.zeros(size, np.int32)
+  for t in tiles:
+    lo = np.subtract(t.core_start, start)
+    hits[tuple(slice(a, a + n) for a, n in zip(lo, t.core_size))] += 1
+    assert all(s >= b and s + n <= b + m for s, n, b, m in zip(t.start, t.size, start, size))
+    assert all(cs >= s and cs + cn <= s + n for cs, cn, s, n in
+               zip(t.core_start, t.core_size, t.start, t.size))
+    assert all(n <= max(tt, 1) for n, tt in zip(t.size, tile))
+  assert (hits == 1).all()
+  # Neighbours overlap by at least the requested amount.
+  for a in tiles:
+    for b in tiles:
+      d = np.subtract(b.index, a.index)
+      if d.tolist() in ([1, 0, 0], [0, 1, 0], [0, 0, 1]):
+        axis = int(np.argmax(d))
+        assert a.stop[axis] - b.start[axis] >= overlap[axis]
+
+
+@pytest.mark.parametrize("tile,overlap,text", [
+    ((16, 16, 0), (4, 4, 4), "positive"),
+    ((16, 16, 16), (8, 4, 4), "below half"),
+    ((16, 16), (4, 4, 4), "three values"),
+    ((16, 16, 16), (-1, 4, 4), ">= 0"),
+])
+def test_bad_tile_sizes_are_user_errors(tile, overlap, text):
+  with pytest.raises(UserError, match=text):
+    tiling.plan((0, 0, 0), (30, 30, 30), tile, overlap)
+
+
+def _truth():
+  """Two neurons touching along a plane plus a long one crossing every tile border."""
+  truth = np.zeros((24, 24, 24), np.uint32)
+  truth[:, :12, :] = 1
+  truth[:, 12:, :] = 2
+  truth[10:14, 10:14, :] = 3  # a thin process across all x tiles
+  return truth
+
+
+def _write_tiles(tmp_path, truth, tiles, split=None):
+  """Each tile's 'segmentation': the truth in its box with its own random local IDs; ``split``
+  (tile index) cuts object 1 in that tile into two pieces (which the neighbours see whole)."""
+  rng = np.random.default_rng(0)
+  for k, t in enumerate(tiles):
+    box = truth[tuple(slice(a, a + n) for a, n in zip(t.start, t.size))].astype(np.int64)
+    if k == split:
+      box[(box == 1) & (np.arange(box.shape[2]) >= box.shape[2] // 2)] = 4
+    perm = np.concatenate([[0], rng.permutation(np.arange(1, 6)) + 10 * k])
+    folder = tmp_path / "tiles" / t.name
+    folder.mkdir(parents=True)
+    volumes.write_zarr(str(folder / "segmentation.zarr"), perm[box].astype(np.uint32))
+
+
+def _stitch(tmp_path, tiles, fmt="zarr", output="", **settings):
+  settings = {"min_overlap_voxels": 10, "min_fraction": 0.6, **settings}
+  config = ml_collections.ConfigDict({"stitch": {"output": output}})
+  identity = {"voxel_size_zyx": [1.0, 1.0, 1.0], "job": "test"}
+  return tiled.stitch(str(tmp_path), tiles, identity, settings, config, fmt,
+                      ((0, 0, 0), (24, 24, 24)))
+
+
+def test_stitching_joins_objects_across_borders_and_keeps_touching_ones_apart(tmp_path):
+  truth = _truth()
+  tiles = tiling.plan((0, 0, 0), truth.shape, (14, 14, 14), (4, 4, 4))
+  _write_tiles(tmp_path, truth, tiles)
+  summary = _stitch(tmp_path, tiles)
+  seg = volumes.open_volume(str(tmp_path / "segmentation.zarr"))
+  assert seg.offset_zyx() == (0, 0, 0)
+  m = evaluation.evaluate_segmentation(seg.read(), truth)
+  assert m["vi"] == pytest.approx(0.0, abs=1e-9) and summary["segments"] == 3
+  sizes = json.loads((tmp_path / "segments.json").read_text())
+  assert sorted(sizes.values()) == sorted(np.bincount(truth.ravel())[1:].tolist())
+
+
+def test_a_split_in_one_tile_is_not_glued_through_a_neighbour(tmp_path):
+  """Tile 0 splits object 1 into two pieces that both reach its overlaps; each neighbour that
+  holds object 1 whole shares only half of it with either piece, below min_fraction, so neither
+  piece joins through it: the split stays a split (never a merge of two objects), and the piece
+  that alone reaches the x neighbour still joins the rest of object 1 there."""
+  truth = _truth()
+  tiles = tiling.plan((0, 0, 0), truth.shape, (14, 14, 14), (4, 4, 4))
+  _write_tiles(tmp_path, truth, tiles, split=0)
+  summary = _stitch(tmp_path, tiles)
+  seg = volumes.open_volume(str(tmp_path / "segmentation.zarr")).read()
+  m = evaluation.evaluate_segmentation(seg, truth)
+  assert m["vi_merge"] == pytest.approx(0.0, abs=1e-9) and m["vi_split"] > 0
+  assert summary["segments"] == 4
+  # The lone piece is object 1 in tile 0's core (z, y, x < 12) at x < 7.
+  piece = np.unique(seg[:12, :12, :7][truth[:12, :12, :7] == 1])
+  assert len(piece) == 1 and (seg == piece[0]).sum() == (truth[:12, :12, :7] == 1).sum()
+
+
+def test_strict_thresholds_leave_the_tiles_apart_and_restitching_needs_a_new_name(tmp_path):
+  truth = _truth()
+  tiles = tiling.plan((0, 0, 0), truth.shape, (14, 14, 14), (4, 4, 4))
+  _write_tiles(tmp_path, truth, tiles)
+  _stitch(tmp_path, tiles)
+  with pytest.raises(UserError, match="stitch.output"):
+    _stitch(tmp_path, tiles, min_overlap_voxels=10**6)
+  summary = _stitch(tmp_path, tiles, output="strict.zarr", min_overlap_voxels=10**6)
+  assert summary["merges"] == 0 and summary["segments"] > 3
+  assert (tmp_path / "strict.zarr.segments.json").exists()
+
+
+def test_precomputed_output_opens_at_its_offset(tmp_path):
+  import tensorstore as ts
+  truth = _truth()
+  tiles = tiling.plan((0, 0, 0), truth.shape, (14, 14, 14), (4, 4, 4))
+  _write_tiles(tmp_path, truth, tiles)
+  config = ml_collections.ConfigDict({"stitch": {"output": ""}})
+  identity = {"voxel_size_zyx": [10.0, 8.0, 8.0]}
+  # The same tiles placed at offset (5, 6, 7) of a larger volume.
+  shifted = [tiling.Tile(t.index, *[tuple(a + o for a, o in zip(v, (5, 6, 7))) if i % 2 == 0
+                                    else v for i, v in enumerate(
+                                        (t.start, t.size, t.core_start, t.core_size))])
+             for t in tiles]
+  tiled.stitch(str(tmp_path), shifted, identity, {"min_overlap_voxels": 10, "min_fraction": 0.6},
+               config, "precomputed", ((5, 6, 7), (24, 24, 24)))
+  store = ts.open({"driver": "neuroglancer_precomputed",
+                   "kvstore": {"driver": "file", "path": str(tmp_path / "segmentation")}}).result()
+  assert list(store.domain.inclusive_min[:3]) == [7, 6, 5]  # x, y, z
+  info = json.loads((tmp_path / "segmentation" / "info").read_text())
+  assert info["type"] == "segmentation" and info["scales"][0]["resolution"] == [8.0, 8.0, 10.0]
+  xyz = store[..., 0].read().result()
+  assert evaluation.evaluate_segmentation(xyz.transpose(2, 1, 0), truth)["vi"] == pytest.approx(
+      0.0, abs=1e-9)
+  vol = volumes.open_volume(str(tmp_path / "segmentation"))
+  assert vol.shape == (24, 24, 24) and vol.offset_zyx() == (5, 6, 7)
+
+
+# --------------------------------------------------------------------------- infer.py, tiled
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+  import jax
+  from scipy import ndimage
+  from ffn_jax import checkpoint, model
+  root = tmp_path_factory.mktemp("tiled_assets")
+  rng = np.random.default_rng(0)
+  image = ndimage.gaussian_filter(rng.normal(size=(30, 30, 30)), 2.0)
+  image = np.clip(128 + image / image.std() * 30, 0, 255).astype(np.uint8)
+  volumes.write_zarr(str(root / "image.zarr"), image)
+  net = model.FFN(depth=2, features=4)
+  params = jax.tree_util.tree_map(np.asarray, model.init_params(net, jax.random.PRNGKey(0),
+                                                                (9, 9, 9)))
+  params["conv_lom"]["bias"] = np.array([3.5], np.float32)
+  checkpoint.save_params(str(root / "ckpt"), params, meta={
+      "model": {"depth": 2, "features": 4, "fov_size_zyx": [9, 9, 9], "deltas_zyx": [3, 3, 3]},
+      "image_mean": 128.0, "image_stddev": 33.0})
+  return root
+
+
+def _infer(assets, workdir, *extra, ranks=None):
+  cmd = [sys.executable, "infer.py", "--config", "configs/fib25_infer.py", "--workdir",
+         str(workdir), f"--config.checkpoint={assets / 'ckpt'}",
+         f"--config.image={assets / 'image.zarr'}", "--config.image_mean=-1",
+         "--config.image_stddev=-1", "--config.inference.min_segment_size=20",
+         "--config.progress_interval_s=-1", "--config.bbox_start_zyx=(1,2,3)",
+         "--config.bbox_size_zyx=(28,27,26)", *extra]
+  if ranks:
+    import shutil
+    from conftest import BIN
+    mpirun = shutil.which("mpirun", path=str(BIN)) or shutil.which("mpirun")
+    if mpirun is None:
+      pytest.skip("mpirun not found (install the mpich wheel into the venv)")
+    cmd = [mpirun, "-n", str(ranks), *cmd]
+  return subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                        timeout=600)
+
+
+TILES = ("--config.tile_size_zyx=(16,16,16)", "--config.tile_overlap_zyx=(6,6,6)")
+
+
+def test_tiled_run_one_and_two_ranks_and_resume(assets, tmp_path):
+  one = _infer(assets, tmp_path / "one", *TILES)
+  assert one.returncode == 0, one.stderr
+  seg_one = volumes.open_volume(str(tmp_path / "one" / "segmentation.zarr"))
+  assert seg_one.shape == (28, 27, 26) and seg_one.offset_zyx() == (1, 2, 3)
+  summary = json.loads((tmp_path / "one" / "stitch.json").read_text())
+  n_tiles = len(tiling.plan((1, 2, 3), (28, 27, 26), (16, 16, 16), (6, 6, 6)))
+  assert summary["tiles"] == n_tiles == 18 and summary["segments"] >= 2
+  assert summary["voxels_labelled"] == int((seg_one.read() > 0).sum())
+  # Every tile is the single-box job of its box.
+  tiling_json = json.loads((tmp_path / "one" / "tiling.json").read_text())
+  assert len(tiling_json["tiles"]) == n_tiles
+
+  two = _infer(assets, tmp_path / "two", *TILES, ranks=2)
+  assert two.returncode == 0, two.stderr
+  seg_two = volumes.open_volume(str(tmp_path / "two" / "segmentation.zarr")).read()
+  np.testing.assert_array_equal(seg_two, seg_one.read())
+  counts = json.loads((tmp_path / "two" / "stitch.json").read_text())["tiles_segmented"]
+  assert sum(counts) == n_tiles and len(counts) == 2 and min(counts) > 0
+
+  # Killed after the first tiles: the rerun finishes the rest, to the same output.
+  killed = _infer(assets, tmp_path / "resumed", *TILES, "--config.debug.stop_after_fov_calls=0")
+  assert not (tmp_path / "resumed" / "segmentation.zarr").exists(), killed.stdout
+  again = _infer(assets, tmp_path / "resumed", *TILES)
+  assert again.returncode == 0, again.stderr
+  np.testing.assert_array_equal(
+      volumes.open_volume(str(tmp_path / "resumed" / "segmentation.zarr")).read(), seg_one.read())
+  # And the same command once more: nothing to do, nothing overwritten.
+  mtime = os.path.getmtime(tmp_path / "one" / "segmentation.zarr" / ".zarray")
+  rerun = _infer(assets, tmp_path / "one", *TILES)
+  assert rerun.returncode == 0 and "nothing to do" in rerun.stdout, rerun.stderr
+  assert os.path.getmtime(tmp_path / "one" / "segmentation.zarr" / ".zarray") == mtime
+
+
+@pytest.mark.parametrize("extra,text", [
+    (("--config.tile_size_zyx=(16,16,16)", "--config.tile_overlap_zyx=(8,6,6)"), "below half"),
+    (("--config.tile_size_zyx=(16,0,16)",), "positive"),
+    (TILES + ("--config.stitch.min_fraction=0.4",), "min_fraction"),
+    (TILES + ("--config.output_format=n5",), "output_format"),
+])
+def test_bad_tiling_settings_are_one_line_exit_2(assets, tmp_path, extra, text):
+  proc = _infer(assets, tmp_path / "bad", *extra)
+  assert proc.returncode == 2, proc.stdout + proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and text in lines[0], proc.stderr
