@@ -48,3 +48,28 @@ def run_train(workdir, *overrides, config="configs/tiny.py", ranks=None, env=Non
 def read_metrics(workdir) -> list[dict]:
   with open(Path(workdir) / "metrics.jsonl") as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def write_infer_assets(root: Path, size: int) -> tuple[str, str]:
+  """A smooth random uint8 image of ``size``^3 and a tiny FFN checkpoint (depth 2, 4 features,
+  FOV 9^3, a positive output bias so that it floods) for inference tests: (image, checkpoint)."""
+  import jax
+  import numpy as np
+  from scipy import ndimage
+
+  from ffn_jax import checkpoint, model
+  from ffn_jax.data import volumes
+  rng = np.random.default_rng(0)
+  image = ndimage.gaussian_filter(rng.normal(size=(size,) * 3), 2.0)
+  image = np.clip(128 + image / image.std() * 30, 0, 255).astype(np.uint8)
+  image_path = os.path.join(root, "image.zarr")
+  volumes.write_zarr(image_path, image)
+  net = model.FFN(depth=2, features=4)
+  params = jax.tree_util.tree_map(np.asarray,
+                                  model.init_params(net, jax.random.PRNGKey(0), (9, 9, 9)))
+  params["conv_lom"]["bias"] = np.array([3.5], np.float32)
+  ckpt = os.path.join(root, "ckpt")
+  checkpoint.save_params(ckpt, params, meta={
+      "model": {"depth": 2, "features": 4, "fov_size_zyx": [9, 9, 9], "deltas_zyx": [3, 3, 3]},
+      "image_mean": 128.0, "image_stddev": 33.0})
+  return image_path, ckpt

@@ -10,12 +10,11 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
-from scipy import ndimage
 
-from ffn_jax import checkpoint, evaluation, model
+from conftest import write_infer_assets
+from ffn_jax import evaluation
 from ffn_jax.data import volumes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,19 +38,7 @@ class _Infer:
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
   root = tmp_path_factory.mktemp("infer_assets")
-  rng = np.random.default_rng(0)
-  image = ndimage.gaussian_filter(rng.normal(size=(28, 28, 28)), 2.0)
-  image = np.clip(128 + image / image.std() * 30, 0, 255).astype(np.uint8)
-  image_path = os.path.join(root, "image.zarr")
-  volumes.write_zarr(image_path, image)
-  net = model.FFN(depth=2, features=4)
-  params = model.init_params(net, jax.random.PRNGKey(0), (9, 9, 9))
-  params = jax.tree_util.tree_map(np.asarray, params)
-  params["conv_lom"]["bias"] = np.array([3.5], np.float32)
-  ckpt = os.path.join(root, "ckpt")
-  checkpoint.save_params(ckpt, params, meta={
-      "model": {"depth": 2, "features": 4, "fov_size_zyx": [9, 9, 9], "deltas_zyx": [3, 3, 3]},
-      "image_mean": 128.0, "image_stddev": 33.0})
+  image_path, ckpt = write_infer_assets(root, 28)
   return {"image": image_path, "ckpt": ckpt, "root": str(root)}
 
 

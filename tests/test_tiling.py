@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import REPO, cli_env
+from conftest import REPO, cli_env, write_infer_assets
 from ffn_jax import evaluation
 from ffn_jax.data import volumes
 from ffn_jax.errors import UserError
@@ -155,21 +155,8 @@ def test_precomputed_output_opens_at_its_offset(tmp_path):
 # --------------------------------------------------------------------------- infer.py, tiled
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-  import jax
-  from scipy import ndimage
-  from ffn_jax import checkpoint, model
   root = tmp_path_factory.mktemp("tiled_assets")
-  rng = np.random.default_rng(0)
-  image = ndimage.gaussian_filter(rng.normal(size=(30, 30, 30)), 2.0)
-  image = np.clip(128 + image / image.std() * 30, 0, 255).astype(np.uint8)
-  volumes.write_zarr(str(root / "image.zarr"), image)
-  net = model.FFN(depth=2, features=4)
-  params = jax.tree_util.tree_map(np.asarray, model.init_params(net, jax.random.PRNGKey(0),
-                                                                (9, 9, 9)))
-  params["conv_lom"]["bias"] = np.array([3.5], np.float32)
-  checkpoint.save_params(str(root / "ckpt"), params, meta={
-      "model": {"depth": 2, "features": 4, "fov_size_zyx": [9, 9, 9], "deltas_zyx": [3, 3, 3]},
-      "image_mean": 128.0, "image_stddev": 33.0})
+  write_infer_assets(root, 30)
   return root
 
 
