@@ -3,6 +3,7 @@ MPI ranks), the same result whichever rank floods, the best-VI checkpoint and in
 TensorBoard scalars, periodic schedules, and the curves plot."""
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -160,9 +161,9 @@ def test_periodic_action_schedules():
 
 # -- plot ----------------------------------------------------------------------------------------
 def test_plot_overlays_runs_and_rejects_non_workdirs(tmp_path):
-  for name in ("a", "b"):
-    assert run_train(tmp_path / name, "--config.max_steps=10",
-                     "--config.eval.every_steps=5").returncode == 0
+  assert run_train(tmp_path / "a", "--config.max_steps=10",
+                   "--config.eval.every_steps=5").returncode == 0
+  shutil.copytree(tmp_path / "a", tmp_path / "b")  # a second run to overlay
   out = tmp_path / "curves.png"
   proc = subprocess.run([sys.executable, "-m", "ffn_jax.plot", str(tmp_path / "a"),
                          str(tmp_path / "b"), "--out", str(out)], cwd=REPO, env=cli_env(),

@@ -1,4 +1,5 @@
-"""A canvas's resumable state as plain arrays (``np.savez``, no pickle), and its restore."""
+"""A canvas's resumable state as plain arrays (``np.savez``; read back with allow_pickle=False),
+and its restore."""
 from __future__ import annotations
 
 import json
