@@ -174,12 +174,12 @@ def tf_runner(batch, args):
 
 
 # ------------------------------------------------------------------------------------ PyTorch
-def torch_runner(batch, args, channels_last: bool):
+def torch_ffn(depth: int, features: int):
+  """The FFN conv stack in PyTorch (NCDHW), the same architecture as ``ffn_jax.model.FFN``."""
   import torch  # pylint: disable=import-outside-toplevel
   from torch import nn  # pylint: disable=import-outside-toplevel
   import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
-
-  f = args.features
+  f = features
 
   class TorchFFN(nn.Module):
 
@@ -189,7 +189,7 @@ def torch_runner(batch, args, channels_last: bool):
       self.conv0_b = nn.Conv3d(f, f, 3, padding=1)
       self.blocks = nn.ModuleList(
           nn.ModuleList([nn.Conv3d(f, f, 3, padding=1), nn.Conv3d(f, f, 3, padding=1)])
-          for _ in range(1, args.depth))
+          for _ in range(1, depth))
       self.conv_lom = nn.Conv3d(f, 1, 1)
 
     def forward(self, image, seed):
@@ -198,8 +198,15 @@ def torch_runner(batch, args, channels_last: bool):
         x = x + conv_b(F.relu(conv_a(F.relu(x))))
       return seed + self.conv_lom(F.relu(x))
 
+  return TorchFFN()
+
+
+def torch_runner(batch, args, channels_last: bool):
+  import torch  # pylint: disable=import-outside-toplevel
+  import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
+
   fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-  model = TorchFFN().to(memory_format=fmt)
+  model = torch_ffn(args.depth, args.features).to(memory_format=fmt)
   to_ncdhw = lambda a: torch.from_numpy(a).permute(0, 4, 1, 2, 3).contiguous(memory_format=fmt)
   image, seed, labels = (to_ncdhw(a) for a in make_data(batch, args.fov))
   params = list(model.parameters())

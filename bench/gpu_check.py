@@ -33,6 +33,7 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
+import conv_stack as conv_stack_bench  # noqa: E402
 import train_throughput  # noqa: E402
 
 CROPS = {"c100": (75, 100), "c150": (50, 150), "dry": (93, 40)}  # zyx start, size (cubes)
@@ -134,7 +135,6 @@ def torch_peer(args, depth, fov, image, seed, labels) -> dict:
   try:
     import torch
     import torch.nn.functional as F
-    from torch import nn
   except ImportError as e:
     return {"torch": f"skipped: {e}"}
   device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -143,25 +143,8 @@ def torch_peer(args, depth, fov, image, seed, labels) -> dict:
   torch.backends.cuda.matmul.allow_tf32 = True
   torch.backends.cudnn.allow_tf32 = True
 
-  class TorchFFN(nn.Module):
-
-    def __init__(self):
-      super().__init__()
-      self.conv0_a = nn.Conv3d(2, 32, 3, padding=1)
-      self.conv0_b = nn.Conv3d(32, 32, 3, padding=1)
-      self.blocks = nn.ModuleList(nn.ModuleList([nn.Conv3d(32, 32, 3, padding=1),
-                                                 nn.Conv3d(32, 32, 3, padding=1)])
-                                  for _ in range(1, depth))
-      self.conv_lom = nn.Conv3d(32, 1, 1)
-
-    def forward(self, i, s):
-      x = self.conv0_b(F.relu(self.conv0_a(torch.cat([i, s], 1))))
-      for a, b in self.blocks:
-        x = x + b(F.relu(a(F.relu(x))))
-      return s + self.conv_lom(F.relu(x))
-
   fmt = torch.channels_last_3d
-  model = TorchFFN().to(device).to(memory_format=fmt)
+  model = conv_stack_bench.torch_ffn(depth, 32).to(device).to(memory_format=fmt)
   to_t = lambda a: torch.from_numpy(a).permute(0, 4, 1, 2, 3).to(device).contiguous(  # noqa
       memory_format=fmt)
   i, s, y = to_t(image), to_t(seed), to_t(labels)

@@ -59,7 +59,9 @@ def _crop(volume_path: str, start: int, size: int) -> np.ndarray:
 
 def run_one(crop: str, checkpoint: str, batch_size: int, workdir: str, conv_impl: str,
             compute_dtype: str = "float32", tile: int = 0, overlap: int = 0,
-            stitch: tuple = ()) -> dict:
+            stitch: tuple = (), stitch_output: str = "") -> dict:
+  """One run on the crop; tiled with ``tile`` > 0. A rerun of a finished tiled run with other
+  ``stitch`` thresholds and a new ``stitch_output`` restitches its tiles."""
   start, size = CROPS[crop]
   c = fib25_infer.get_config()
   c.checkpoint = checkpoint
@@ -75,12 +77,13 @@ def run_one(crop: str, checkpoint: str, batch_size: int, workdir: str, conv_impl
     c.tile_overlap_zyx = (overlap,) * 3
     if stitch:
       c.stitch.min_overlap_voxels, c.stitch.min_fraction = stitch
+    c.stitch.output = stitch_output
     t0 = time.perf_counter()
     counters = tiled.run(c, workdir)
     counters["wall_s"] = time.perf_counter() - t0
   else:
     counters = runner.run(c, workdir)
-  seg = volumes.open_volume(os.path.join(workdir, runner.SEGMENTATION)).read()
+  seg = volumes.open_volume(os.path.join(workdir, stitch_output or runner.SEGMENTATION)).read()
   return {"counters": counters, "seg": seg}
 
 
@@ -151,19 +154,7 @@ def main(argv=None) -> int:
     stitch = () if spec is None else (int(spec[0]), spec[1])
     r = run_one(args.crop, args.checkpoint, args.batch_sizes[0], os.path.join(base, "tiled"),
                 args.conv_impl, args.compute_dtypes[0], args.tile_size, args.tile_overlap,
-                stitch) if spec is None else None
-    if spec is not None:  # restitch the same tiles into another output
-      from ffn_jax.inference import tiled as tiled_lib
-      c = fib25_infer.get_config()
-      c.checkpoint, c.batch_size = args.checkpoint, args.batch_sizes[0]
-      c.bbox_start_zyx, c.bbox_size_zyx = (start,) * 3, (size,) * 3
-      c.conv_impl, c.compute_dtype = args.conv_impl, args.compute_dtypes[0]
-      c.tile_size_zyx, c.tile_overlap_zyx = (args.tile_size,) * 3, (args.tile_overlap,) * 3
-      c.stitch.min_overlap_voxels, c.stitch.min_fraction = stitch
-      c.stitch.output = f"{name}.zarr"
-      counters = tiled_lib.run(c, os.path.join(base, "tiled"))
-      r = {"counters": counters, "seg": volumes.open_volume(
-          os.path.join(base, "tiled", c.stitch.output)).read()}
+                stitch, "" if spec is None else f"{name}.zarr")
     r["metrics"] = evaluation.evaluate_segmentation(r["seg"], truth)
     single = results[first_key]["seg"]
     r["vs_single"] = evaluation.evaluate_segmentation(r["seg"], single)

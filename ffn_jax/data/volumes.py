@@ -184,6 +184,24 @@ def open_volume(spec: Any) -> Volume:
                 lambda sl: store[sl].read().result(), name, attrs)
 
 
+def _zarr_spec(path: str, shape, chunks, dtype) -> dict:
+  """tensorstore spec of a zarr v2 array (blosc/zstd) at ``path``, chunks clipped to the shape."""
+  shape = [int(s) for s in shape]
+  return {"driver": "zarr", "kvstore": {"driver": "file", "path": path},
+          "metadata": {"shape": shape, "chunks": [min(int(c), s) for c, s in zip(chunks, shape)],
+                       "dtype": np.dtype(dtype).str,
+                       "compressor": {"id": "blosc", "cname": "zstd", "clevel": 3,
+                                      "shuffle": 2}}}
+
+
+def _write_attrs(path: str, attrs: dict) -> None:
+  """``attrs`` as a JSON file at ``path``, replaced atomically."""
+  with open(path + ".tmp", "w") as f:
+    json.dump(attrs, f, indent=1, sort_keys=True)
+    f.write("\n")
+  os.replace(path + ".tmp", path)
+
+
 def write_zarr(path: str, array: np.ndarray, chunks=(64, 64, 64),
                attrs: dict | None = None) -> None:
   """Writes a zyx array as zarr v2 (blosc/zstd) with tensorstore, replacing ``path``.
@@ -192,19 +210,11 @@ def write_zarr(path: str, array: np.ndarray, chunks=(64, 64, 64),
   """
   import tensorstore as ts
   path = os.path.abspath(path)
-  chunks = [min(c, s) for c, s in zip(chunks, array.shape)]
-  store = ts.open({
-      "driver": "zarr", "kvstore": {"driver": "file", "path": path},
-      "metadata": {"shape": list(array.shape), "chunks": chunks, "dtype": array.dtype.str,
-                   "compressor": {"id": "blosc", "cname": "zstd", "clevel": 3, "shuffle": 2}},
-  }, create=True, delete_existing=True).result()
+  store = ts.open(_zarr_spec(path, array.shape, chunks, array.dtype), create=True,
+                  delete_existing=True).result()
   store.write(array).result()
   if attrs:
-    tmp = os.path.join(path, ".zattrs.tmp")
-    with open(tmp, "w") as f:
-      json.dump(attrs, f, indent=1, sort_keys=True)
-      f.write("\n")
-    os.replace(tmp, os.path.join(path, ".zattrs"))
+    _write_attrs(os.path.join(path, ".zattrs"), attrs)
 
 
 OUTPUT_FORMATS = ("zarr", "precomputed")
@@ -235,13 +245,7 @@ class SegmentationWriter:
     chunks = [min(int(c), s) for c, s in zip(chunks, shape)]
     dtype = np.dtype(dtype)
     if fmt == "zarr":
-      self._store = ts.open({
-          "driver": "zarr", "kvstore": {"driver": "file", "path": self.tmp},
-          "metadata": {"shape": shape, "chunks": chunks, "dtype": dtype.str,
-                       "compressor": {"id": "blosc", "cname": "zstd", "clevel": 3,
-                                      "shuffle": 2}},
-      }, create=True).result()
-      self._view = self._store
+      self._view = ts.open(_zarr_spec(self.tmp, shape, chunks, dtype), create=True).result()
     else:
       store = ts.open({
           "driver": "neuroglancer_precomputed", "kvstore": {"driver": "file", "path": self.tmp},
@@ -254,7 +258,6 @@ class SegmentationWriter:
                              "compressed_segmentation_block_size": [8, 8, 8],
                              "chunk_size": chunks[::-1]},
       }, create=True).result()
-      self._store = store
       self._view = store[..., 0].T[ts.d[:].translate_to[0]]
 
   def write(self, start_zyx, block: np.ndarray) -> None:
@@ -263,7 +266,5 @@ class SegmentationWriter:
 
   def finish(self) -> None:
     name = ".zattrs" if self.fmt == "zarr" else "provenance"
-    with open(os.path.join(self.tmp, name), "w") as f:
-      json.dump(self.attrs, f, indent=1, sort_keys=True)
-      f.write("\n")
+    _write_attrs(os.path.join(self.tmp, name), self.attrs)
     os.replace(self.tmp, self.path)

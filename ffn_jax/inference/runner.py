@@ -258,10 +258,15 @@ def _check_workdir(workdir: str, identity: dict):
                     "job; use another --workdir (or delete it)")
   if has_state:
     return "resume"
-  if has_seg and os.path.exists(os.path.join(workdir, COUNTERS)) and _read_json(
-      os.path.join(workdir, COUNTERS)).get("complete"):
+  if has_seg and finished(workdir):
     return "done"
   return "fresh"
+
+
+def finished(workdir: str) -> bool:
+  """Whether ``workdir`` holds a finished run (its counters.json says ``complete``)."""
+  path = os.path.join(workdir, COUNTERS)
+  return os.path.exists(path) and bool(_read_json(path).get("complete"))
 
 
 def _save_state(path: str, state: dict) -> None:

@@ -77,11 +77,7 @@ def _claim(folder: str, tile: tiling.Tile, rank: int) -> bool:
 
 
 def _tile_done(workdir: str, tile: tiling.Tile) -> bool:
-  path = os.path.join(workdir, "tiles", tile.name, runner.COUNTERS)
-  if not os.path.exists(path):
-    return False
-  with open(path) as f:
-    return bool(json.load(f).get("complete"))
+  return runner.finished(os.path.join(workdir, "tiles", tile.name))
 
 
 def run(config, workdir: str) -> dict:
@@ -193,8 +189,10 @@ def stitch(workdir: str, tiles, identity: dict, settings: dict, config, fmt: str
 
   max_ids, present = [], []
   for k, t in enumerate(tiles):
-    max_ids.append(int(read(k, t.start, t.size).max(initial=0)))
-    core = read(k, t.core_start, t.core_size)
+    whole = read(k, t.start, t.size)
+    core = whole[tuple(slice(a - b, a - b + n)
+                       for a, b, n in zip(t.core_start, t.start, t.core_size))]
+    max_ids.append(int(whole.max(initial=0)))
     present.append(np.unique(core[core > 0]))
   merges = []
   for i in range(len(tiles)):
