@@ -160,8 +160,21 @@ def load_average() -> list[float]:
   return [round(x, 2) for x in os.getloadavg()]
 
 
+def cpu_model() -> str:
+  """The CPU's model name (as lscpu shows it), or the architecture where /proc has none."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  import platform
+  return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
-  return {"cpus": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)),
+  return {"cpu": cpu_model(), "cpus": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)),
           "loadavg": load_average()}
 
 

@@ -45,6 +45,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.border_padding = "none"
   c.data.move_threshold = 0.9
   c.data.augment = True
+  # New examples cut ahead in a background thread while the device computes (bit-identical
+  # batches). -1 = auto: one batch ahead when training on an accelerator, off on CPU (there the
+  # thread takes cores from the convolutions); 0 = off; N > 0 = N examples ahead.
+  c.data.prefetch_examples = -1
 
   c.batch_size = 4  # per local device; global batch = batch_size x local devices x ranks
   # > 0: fixes the global batch instead; it must divide evenly over ranks x local devices, and

@@ -76,14 +76,14 @@ def test_augmentation_variants_invert_and_are_distinct():
   assert len(seen) == 16
 
 
-def _pipeline(batch_size=2, seed=0):
+def _pipeline(batch_size=2, seed=0, prefetch=0):
   image, labels = synthetic.make_volume((24, 40, 40), n_objects=8, seed=0)
   fov, deltas = (9, 9, 9), (2, 2, 2)
   coords = partitions.coordinates_by_class(
       partitions.compute_partitions(labels, [0.3, 0.6, 0.9], (3, 3, 3), 10, (6, 6, 6)))
   sampler = partitions.BalancedSampler(coords, seed=seed)
   return RecurrentExamples(image.astype(np.float32), labels, sampler, batch_size, fov, deltas,
-                           seed=seed)
+                           seed=seed, prefetch=prefetch)
 
 
 def test_first_fov_is_a_fresh_example_with_soft_labels_and_seed():
@@ -135,6 +135,47 @@ def test_iterator_state_restores_exactly():
     out = np.random.default_rng(1).normal(size=(2, 9, 9, 9, 1)).astype(np.float32) * 4
     a.update(out)
     b.update(out)
+
+
+def test_prefetched_examples_give_identical_batches_and_state_across_a_restore():
+  """Examples cut ahead in a thread change nothing: batches, checkpointed state, resume."""
+  def run(prefetch, restore_at):
+    ex, batches = _pipeline(batch_size=3, prefetch=prefetch), []
+    for i in range(12):
+      if i == restore_at:
+        state = {k: np.copy(v) for k, v in ex.state().items()}
+        ex.close()
+        ex = _pipeline(batch_size=3, prefetch=prefetch)
+        ex.restore(state)
+      batches.append(ex.next_batch())
+      # Alternate "reject everything" (every slot starts a new example) and a model that moves.
+      out = np.random.default_rng(i).normal(size=(3, 9, 9, 9, 1)).astype(np.float32) * 4
+      ex.update(out if i % 2 else np.full_like(out, -3.0))
+    state = ex.state()
+    ex.close()
+    return batches, state
+
+  want_batches, want_state = run(0, None)
+  assert want_state["examples_started"] > 12  # new examples were started along the way
+  for prefetch, restore_at in ((4, None), (1, 5), (16, 7)):
+    batches, state = run(prefetch, restore_at)
+    for want, got in zip(want_batches, batches):
+      for k in want:
+        np.testing.assert_array_equal(want[k], got[k])
+    for k in want_state:
+      np.testing.assert_array_equal(want_state[k], state[k])
+
+
+def test_prefetch_setting_is_validated_and_auto_is_off_on_cpu():
+  from configs import tiny
+  from ffn_jax.training import setup
+  config = tiny.get_config()
+  assert config.data.prefetch_examples == -1 and setup.prefetch_examples(config, 8) == 0  # CPU
+  config.data.prefetch_examples = 5
+  assert setup.prefetch_examples(config, 8) == 5
+  config.data.prefetch_examples = -2
+  with pytest.raises(UserError, match="data.prefetch_examples"):
+    setup.validate_config(config)
 
 
 def test_reflect_border_padding_lets_example_centres_cover_a_thin_volume():

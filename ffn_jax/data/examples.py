@@ -11,9 +11,17 @@ a new example.
 
 The state (sampler position, per-slot example and seed, example counter) is a dict of numpy
 arrays, checkpointed with the model, so resume is exact.
+
+New examples do not depend on the model: example ``n`` is the sampler's ``n``-th coordinate and
+a variant drawn from (seed, rank, n). With ``prefetch > 0`` a background thread cuts the next
+``prefetch`` examples' blocks while the device computes, so that the loop only copies FOVs and
+writes seeds back; the batches are bit-identical to ``prefetch=0``.
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import copy
 import itertools
 
 import numpy as np
@@ -46,11 +54,12 @@ class RecurrentExamples:
     fov_size_zyx, deltas_zyx, fov_moves, move_threshold: FFN training geometry.
     augment_data: random reflections/transposes per example.
     seed, rank: determinism of augmentation.
+    prefetch: new examples prepared ahead in a background thread (0: none, all on demand).
   """
 
   def __init__(self, image_ZYX, labels_ZYX, sampler: BalancedSampler, batch_size: int,
                fov_size_zyx, deltas_zyx, fov_moves: int = 1, move_threshold: float = 0.9,
-               augment_data: bool = True, seed: int = 0, rank: int = 0):
+               augment_data: bool = True, seed: int = 0, rank: int = 0, prefetch: int = 0):
     self.image, self.labels, self.sampler = image_ZYX, labels_ZYX, sampler
     self.batch_size = int(batch_size)
     self.fov = np.asarray(fov_size_zyx, int)
@@ -67,41 +76,62 @@ class RecurrentExamples:
     self.examples_started = 0
     self._image_block = [None] * b
     self._label_block = [None] * b
+    self.prefetch = int(prefetch)
+    self._ahead = None  # _Prefetcher, started on the first new example
 
   # -- examples -------------------------------------------------------------------------------
-  def _cut(self, volume, centre, variant):
+  def _variant(self, n: int) -> int:
+    rng = np.random.default_rng([self.seed, self.rank, n])
+    return int(rng.integers(augment.NUM_VARIANTS)) if self.augment_data else 0
+
+  def _blocks(self, centre, variant: int):
+    """(image block, soft-label block) of an example, augmented, C-contiguous float32."""
     start = np.asarray(centre) - self.block // 2
     sl = tuple(slice(a, a + n) for a, n in zip(start, self.block))
-    return augment.apply(volume[sl], variant)
+    soft = np.where(self.labels[sl] == self.labels[tuple(centre)], np.float32(LABEL_ON),
+                    np.float32(LABEL_OFF))
+    return (np.ascontiguousarray(augment.apply(self.image[sl], variant)),
+            np.ascontiguousarray(augment.apply(soft, variant)))
 
   def _load_blocks(self, slot: int) -> None:
-    centre, variant = self.slot_coord[slot], int(self.slot_variant[slot])
-    self._image_block[slot] = np.ascontiguousarray(self._cut(self.image, centre, variant))
-    same = self._cut(self.labels, centre, variant) == self.labels[tuple(centre)]
-    self._label_block[slot] = np.where(same, LABEL_ON, LABEL_OFF).astype(np.float32)
+    self._image_block[slot], self._label_block[slot] = self._blocks(
+        self.slot_coord[slot], int(self.slot_variant[slot]))
 
   def _start_example(self, slot: int) -> None:
-    self.slot_coord[slot] = self.sampler.next()
-    rng = np.random.default_rng([self.seed, self.rank, self.examples_started])
-    self.slot_variant[slot] = rng.integers(augment.NUM_VARIANTS) if self.augment_data else 0
+    n = self.examples_started
+    if self.prefetch > 0:
+      if self._ahead is None:
+        self._ahead = _Prefetcher(self, self.prefetch)
+      coord, variant, blocks, sampler_state = self._ahead.take(n)
+      self.sampler.restore(sampler_state)  # the checkpointed position, as if drawn here
+    else:
+      coord = self.sampler.next()
+      variant = self._variant(n)
+      blocks = self._blocks(coord, variant)
+    self.slot_coord[slot], self.slot_variant[slot] = coord, variant
+    self._image_block[slot], self._label_block[slot] = blocks
     self.examples_started += 1
     self.slot_seed[slot] = logit(LABEL_OFF)
     self.slot_seed[(slot, *(self.block // 2))] = logit(LABEL_ON)
     self.slot_next_offset[slot] = 0
-    self._load_blocks(slot)
 
   def _advance(self, slot: int) -> np.ndarray:
     """Next valid FOV centre (block coordinates) of this slot, starting examples as needed."""
-    centre = self.block // 2
+    n = len(self.offsets)
     while True:
       i = int(self.slot_next_offset[slot])
-      if i >= len(self.offsets):
+      if i >= n:
         self._start_example(slot)
         continue
-      self.slot_next_offset[slot] = i + 1
-      pos = centre + self.offsets[i]
-      if self.slot_seed[(slot, *pos)] >= self.move_threshold_logit:
-        return pos
+      # The seed does not change until the next update: test all remaining moves at once.
+      pos = self.block // 2 + self.offsets[i:]
+      ok = self.slot_seed[slot][pos[:, 0], pos[:, 1], pos[:, 2]] >= self.move_threshold_logit
+      hits = np.flatnonzero(ok)
+      if hits.size == 0:
+        self.slot_next_offset[slot] = n
+        continue
+      self.slot_next_offset[slot] = i + hits[0] + 1
+      return pos[hits[0]]
 
   # -- batches --------------------------------------------------------------------------------
   def next_batch(self) -> dict:
@@ -151,3 +181,50 @@ class RecurrentExamples:
       setattr(self, key, value.astype(getattr(self, key).dtype).copy())
     self._image_block = [None] * self.batch_size
     self._label_block = [None] * self.batch_size
+    self.close()  # examples prepared ahead came from the old sampler position
+
+  def close(self) -> None:
+    """Stops the prefetch thread (a later new example starts it again)."""
+    if self._ahead is not None:
+      self._ahead.close()
+      self._ahead = None
+
+
+class _Prefetcher:
+  """Examples ``n, n+1, ...`` (coordinate, variant, blocks), each cut in one background thread.
+
+  It draws from its own copy of the sampler, taken at the owner's current position, so the
+  owner's sampler (whose state is checkpointed) only moves as examples are used.
+  """
+
+  def __init__(self, owner: RecurrentExamples, depth: int):
+    self.owner, self.depth = owner, depth
+    self.sampler = copy.copy(owner.sampler)
+    self.next_n = owner.examples_started
+    self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ffn-examples")
+    self.queue = collections.deque()
+    self._fill()
+
+  def _make(self, n: int):
+    coord = self.sampler.next()  # in order: one worker thread runs the tasks
+    state = self.sampler.state()
+    owner = self.owner
+    variant = owner._variant(n)  # pylint: disable=protected-access
+    return n, coord, variant, owner._blocks(coord, variant), state  # pylint: disable=protected-access
+
+  def _fill(self) -> None:
+    while len(self.queue) < self.depth:
+      self.queue.append(self.pool.submit(self._make, self.next_n))
+      self.next_n += 1
+
+  def take(self, n: int):
+    made, *example = self.queue.popleft().result()
+    if made != n:
+      raise RuntimeError(f"prefetched example {made} where example {n} was expected")
+    self._fill()
+    return example
+
+  def close(self) -> None:
+    for future in self.queue:
+      future.cancel()
+    self.pool.shutdown(wait=True)

@@ -92,6 +92,7 @@ def _train(config, workdir: str, dist: parallel.Dist, watchdog: Watchdog, optimi
   manager = ckpt_lib.make_manager(ckpt_lib.checkpoint_dir(workdir), config.keep_checkpoints,
                                   create=dist.is_primary)
   writer = MetricWriter(workdir, dist.is_primary, bool(config.get("tensorboard", True)))
+  examples = None
   try:
     # Fine-tuning starts from init_checkpoint, unless this run has checkpoints of its own; its
     # geometry is checked before the (slow) training data is set up.
@@ -127,6 +128,8 @@ def _train(config, workdir: str, dist: parallel.Dist, watchdog: Watchdog, optimi
     return _loop(config, workdir, dist, watchdog, log, manager, writer, schedule, examples,
                  step_fn, evaluator, state, restored is not None, global_batch)
   finally:
+    if examples is not None:
+      examples.close()
     manager.close()
     writer.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 import numpy as np
 
 from ffn_jax import parallel
@@ -47,6 +48,9 @@ def validate_config(config) -> None:
     need(integer(value) and value >= minimum, name, f"an integer >= {minimum}", value)
   need(integer(configured_global_batch(config)) and configured_global_batch(config) >= 0, "global_batch",
        "an integer >= 0 (0 = batch_size per device)", configured_global_batch(config))
+  prefetch = config.data.get("prefetch_examples", 0)
+  need(integer(prefetch) and prefetch >= -1, "data.prefetch_examples",
+       "an integer >= -1 (-1 = auto, 0 = off)", prefetch)
   need(number(config.preemption_grace_s) and config.preemption_grace_s > 0,
        "preemption_grace_s", "a number of seconds > 0", config.preemption_grace_s)
   need(number(configured_step_timeout_s(config)) and configured_step_timeout_s(config) >= 0,
@@ -175,4 +179,13 @@ def build_examples(config, dist: parallel.Dist, workdir: str, log,
   return RecurrentExamples(
       image, labels, sampler, per_device * dist.local_devices,
       config.model.fov_size_zyx, config.model.deltas_zyx, d.fov_moves, d.move_threshold,
-      d.augment, config.seed, dist.rank)
+      d.augment, config.seed, dist.rank,
+      prefetch_examples(config, per_device * dist.local_devices))
+
+
+def prefetch_examples(config, batch: int) -> int:
+  """How many new examples to prepare ahead (``data.prefetch_examples``; -1 = auto)."""
+  n = int(config.data.get("prefetch_examples", 0))
+  if n == -1:
+    return batch if jax.default_backend() != "cpu" else 0
+  return n
