@@ -139,6 +139,33 @@ def init() -> Dist:
   return Dist(rank=comm.Get_rank(), size=comm.Get_size(), comm=comm)
 
 
+def node_rank(dist: Dist) -> tuple[int, int]:
+  """(this rank's index among the ranks on its node, the number of ranks on the node).
+
+  Collective under MPI: every rank must call it."""
+  if dist.comm is None:
+    return 0, 1
+  from mpi4py import MPI
+  node = dist.comm.Split_type(MPI.COMM_TYPE_SHARED)
+  try:
+    return node.Get_rank(), node.Get_size()
+  finally:
+    node.Free()
+
+
+def pick_device(devices: list, node_rank_: int):
+  """The device of the rank with index ``node_rank_`` on its node: one device each, in turn.
+
+  With one visible device (a CPU, or ``srun --gpus-per-task=1``) every rank takes it."""
+  return devices[node_rank_ % len(devices)]
+
+
+def rank_device(dist: Dist):
+  """This rank's inference device: its own local accelerator when the node's ranks share
+  several (rank r of the node takes local device r mod n). Collective under MPI."""
+  return pick_device(jax.local_devices(), node_rank(dist)[0])
+
+
 class DistributedStep:
   """The synchronous data-parallel train step of this rank.
 

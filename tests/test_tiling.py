@@ -226,3 +226,11 @@ def test_bad_tiling_settings_are_one_line_exit_2(assets, tmp_path, extra, text):
   assert proc.returncode == 2, proc.stdout + proc.stderr
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and text in lines[0], proc.stderr
+
+
+def test_ranks_sharing_a_node_take_its_devices_in_turn():
+  from ffn_jax import parallel
+  gpus = ["gpu0", "gpu1", "gpu2", "gpu3"]
+  assert [parallel.pick_device(gpus, r) for r in range(6)] == gpus + gpus[:2]
+  assert parallel.pick_device(["cpu0"], 3) == "cpu0"  # one visible device: every rank's
+  assert parallel.node_rank(parallel.Dist()) == (0, 1)

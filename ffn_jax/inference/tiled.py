@@ -85,7 +85,9 @@ def run(config, workdir: str) -> dict:
 
   Returns the stitch summary (also ``stitch.json``) on rank 0, the tile counts elsewhere.
   """
-  from ffn_jax import parallel  # jax, MPI: only once the job really runs
+  import jax  # jax, MPI: only once the job really runs
+
+  from ffn_jax import parallel
   t0 = time.perf_counter()
   workdir = os.path.abspath(workdir)
   runner.options_from_config(config)
@@ -115,17 +117,21 @@ def run(config, workdir: str) -> dict:
          f"route {route} ({why})")
   dist.bcast(None)  # the claims folder exists before anyone claims
 
-  predictor = runner.make_predictor(config, params, model, route)
+  device = parallel.rank_device(dist)
+  if dist.size > 1 and device.platform != "cpu":
+    _log(f"rank {dist.rank}: {device}")
   done_here = 0
-  for tile in tiles:
-    if _tile_done(workdir, tile) or not _claim(claims, tile, dist.rank):
-      continue
-    _log(f"rank {dist.rank}: tile {tile.name} start {tile.start} size {tile.size}")
-    counters = runner.run(_tile_config(config, tile), os.path.join(workdir, "tiles", tile.name),
-                          predict_fn=predictor)
-    if not counters.get("complete"):
-      break  # debug.stop_after_fov_calls: stopped as if killed
-    done_here += 1
+  with jax.default_device(device):
+    predictor = runner.make_predictor(config, jax.device_put(params, device), model, route)
+    for tile in tiles:
+      if _tile_done(workdir, tile) or not _claim(claims, tile, dist.rank):
+        continue
+      _log(f"rank {dist.rank}: tile {tile.name} start {tile.start} size {tile.size}")
+      counters = runner.run(_tile_config(config, tile),
+                            os.path.join(workdir, "tiles", tile.name), predict_fn=predictor)
+      if not counters.get("complete"):
+        break  # debug.stop_after_fov_calls: stopped as if killed
+      done_here += 1
   dist.bcast(None)  # waits (polling, not spinning a core) for every rank's last tile
   counts = dist.allgather(done_here)
   if not dist.is_primary:
