@@ -16,7 +16,9 @@ glibc's defaults unless ``--peer-malloc=retain`` gives them the same settings.
     python bench/conv_stack.py --quick    # batch 4, onednn vs TF vs torch, < 2 min
 
 Peers come from ``pip install -e .[compare]``; missing ones are reported and skipped (their
-ratios are then null). GFLOP/s counts 45.7 GFLOP per FOV forward (the 23 32->32 convs) and 3x
+ratios are then null). Our float32 routes are compared with the float32 peers, our bf16 routes
+(``onednn_bf16``) with the bf16 peers (``tf_bf16``: Keras ``mixed_bfloat16``; ``torch_bf16``:
+channels_last_3d under CPU autocast), so both ratios come from one run. GFLOP/s counts 45.7 GFLOP per FOV forward (the 23 32->32 convs) and 3x
 that for a training step. Speed ratio = peer time / our time, > 1 means ours is faster. The last
 line of output is one JSON object.
 """
@@ -48,8 +50,10 @@ def _parse():
   p.add_argument("--batches", default="1,4")
   p.add_argument("--routes", default="xla,im2col_kz,onednn,onednn_bf16",
                  help="ffn_jax conv routes, comma-separated")
-  p.add_argument("--peers", default="tf,torch,torch_cl3d",
-                 help="tf (Keras 3 on TensorFlow), torch (NCDHW), torch_cl3d (channels_last_3d)")
+  p.add_argument("--peers", default="tf,torch,torch_cl3d,tf_bf16,torch_bf16",
+                 help="tf (Keras 3 on TensorFlow), torch (NCDHW), torch_cl3d (channels_last_3d); "
+                      "bf16 peers, compared with our bf16 routes: tf_bf16 (Keras mixed_bfloat16), "
+                      "torch_bf16 (channels_last_3d, CPU autocast)")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--warmup", type=int, default=2, help="untimed runs per implementation")
   p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
@@ -135,11 +139,15 @@ def jax_runner(route, batch, args):
 
 
 # ------------------------------------------------------------------------ Keras 3 / TensorFlow
-def tf_runner(batch, args):
+def tf_runner(batch, args, bf16: bool = False):
+  """Keras 3 on TensorFlow; ``bf16``: the ``mixed_bfloat16`` policy (bf16 compute, float32
+  variables), logits cast to float32 for the loss."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   import keras  # pylint: disable=import-outside-toplevel
   from keras import layers  # pylint: disable=import-outside-toplevel
 
+  if bf16:
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
   fov, f = args.fov, args.features
   image_in = keras.Input((fov, fov, fov, 1), batch_size=batch)
   seed_in = keras.Input((fov, fov, fov, 1), batch_size=batch)
@@ -159,12 +167,12 @@ def tf_runner(batch, args):
 
   @tf.function
   def forward(image, seed):
-    return model([image, seed], training=False)
+    return tf.cast(model([image, seed], training=False), tf.float32)
 
   @tf.function
   def train_step(image, seed, labels):
     with tf.GradientTape() as tape:
-      logits = model([image, seed], training=True)
+      logits = tf.cast(model([image, seed], training=True), tf.float32)
       loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels, logits))
     grads = tape.gradient(loss, model.trainable_variables)
     optimizer.apply_gradients(zip(grads, model.trainable_variables))
@@ -201,7 +209,10 @@ def torch_ffn(depth: int, features: int):
   return TorchFFN()
 
 
-def torch_runner(batch, args, channels_last: bool):
+def torch_runner(batch, args, channels_last: bool, bf16: bool = False):
+  """PyTorch; ``bf16``: CPU autocast to bfloat16 (float32 weights), logits float32 for the loss."""
+  import contextlib  # pylint: disable=import-outside-toplevel
+
   import torch  # pylint: disable=import-outside-toplevel
   import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
 
@@ -210,13 +221,17 @@ def torch_runner(batch, args, channels_last: bool):
   to_ncdhw = lambda a: torch.from_numpy(a).permute(0, 4, 1, 2, 3).contiguous(memory_format=fmt)
   image, seed, labels = (to_ncdhw(a) for a in make_data(batch, args.fov))
   params = list(model.parameters())
+  cast = ((lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16
+          else contextlib.nullcontext)
 
   def run_forward():
-    with torch.inference_mode():
-      model(image, seed)
+    with torch.inference_mode(), cast():
+      model(image, seed).float()
 
   def run_train():
-    loss = F.binary_cross_entropy_with_logits(model(image, seed), labels)
+    with cast():
+      logits = model(image, seed).float()
+    loss = F.binary_cross_entropy_with_logits(logits, labels)
     loss.backward()
     # Plain SGD by hand, the same update as the others (torch.optim would import torch._dynamo).
     with torch.no_grad():
@@ -228,23 +243,24 @@ def torch_runner(batch, args, channels_last: bool):
 
 
 # ----------------------------------------------------------------------------------- workers
-PEERS = ("tf", "torch", "torch_cl3d")
+PEERS = ("tf", "torch", "torch_cl3d", "tf_bf16", "torch_bf16")
+BF16_PEERS = ("tf_bf16", "torch_bf16")
 
 
 def build_runners(impl, batch, args):
   """(forward, train, note) for one implementation, with the thread count applied."""
-  if impl == "tf":
+  if impl in ("tf", "tf_bf16"):
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     note = (f"tensorflow {tf.__version__} (oneDNN opts "
             f"{os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'default on')})")
-    return (*tf_runner(batch, args), note)
-  if impl in ("torch", "torch_cl3d"):
+    return (*tf_runner(batch, args, bf16=impl == "tf_bf16"), note)
+  if impl in ("torch", "torch_cl3d", "torch_bf16"):
     import torch  # pylint: disable=import-outside-toplevel
     torch.set_num_threads(args.threads)
     note = f"torch {torch.__version__} (mkldnn {torch.backends.mkldnn.is_available()})"
-    return (*torch_runner(batch, args, impl == "torch_cl3d"), note)
+    return (*torch_runner(batch, args, impl != "torch", bf16=impl == "torch_bf16"), note)
   import jax  # pylint: disable=import-outside-toplevel
 
   from ffn_jax import conv as conv_lib  # pylint: disable=import-outside-toplevel
@@ -396,8 +412,9 @@ def main():
     return None
 
   f32_routes = [r for r in ours if not r.endswith("bf16")]
-  print("\n# FFN conv stack, ms per FOV (median of %d), GFLOP/s, speed vs best peer "
-        "(>1: ours faster)" % args.repeats)
+  bf16_routes = [r for r in ours if r.endswith("bf16")]
+  print("\n# FFN conv stack, ms per FOV (median of %d), GFLOP/s, speed vs the best peer of the "
+        "same precision (>1: ours faster)" % args.repeats)
   for n in notes:
     print("#", n)
   header = (f"{'batch':>5} {'mode':>8} {'impl':>12} {'ms/FOV':>9} {'GFLOP/s':>8} {'vs peer':>8} "
@@ -408,34 +425,50 @@ def main():
   for batch in args.batches:
     for mode in ("forward", "train"):
       flops = gf * (3 if mode == "train" else 1)
-      peer_times = {p: median(batch, mode, p) for p in peers}
-      best_peer = min(peer_times, key=peer_times.get) if peer_times else None
-      peer_cpu = {p: median(batch, mode, p, cpu=True) for p in peers}
-      best_cpu_peer = min(peer_cpu, key=peer_cpu.get) if peer_cpu else None
+
+      def best(group, cpu=False):
+        times = {p: median(batch, mode, p, cpu) for p in group}
+        return (min(times, key=times.get), times) if times else (None, times)
+
+      f32_peers = [p for p in peers if p not in BF16_PEERS]
+      bf16_peers = [p for p in peers if p in BF16_PEERS]
       for name in [*ours, *peers]:
         t = median(batch, mode, name) / batch
         c = median(batch, mode, name, cpu=True) / batch
         ratio = cpu_ratio = ""
-        if best_peer and name in ours:
-          ratio = f"{peer_times[best_peer] / batch / t:.3f}"
-          cpu_ratio = f"{peer_cpu[best_cpu_peer] / batch / c:.3f}"
+        group = bf16_peers if name in bf16_routes else f32_peers
+        (bp, pt), (bcp, pc) = best(group), best(group, cpu=True)
+        if bp and name in ours:
+          ratio = f"{pt[bp] / batch / t:.3f}"
+          cpu_ratio = f"{pc[bcp] / batch / c:.3f}"
         print(f"{batch:>5} {mode:>8} {name:>12} {t * 1e3:>9.1f} {flops / t:>8.1f} {ratio:>8} "
               f"{c * 1e3:>10.1f} {cpu_ratio:>11}")
-      ours_best = min(f32_routes, key=lambda r: median(batch, mode, r)) if f32_routes else None
+
+      def ratios(routes, group):
+        """(our best route, its best peer, wall ratio, CPU-time ratio); None where missing."""
+        mine = min(routes, key=lambda r: median(batch, mode, r)) if routes else None
+        (bp, pt), (bcp, pc) = best(group), best(group, cpu=True)
+        if not (mine and bp):
+          return mine, bp, None, None
+        return (mine, bp, round(pt[bp] / median(batch, mode, mine), 4),
+                round(pc[bcp] / median(batch, mode, mine, cpu=True), 4))
+
+      ours_best, best_peer, ratio, cpu_ratio = ratios(f32_routes, f32_peers)
+      bf16_best, best_bf16_peer, bf16_ratio, bf16_cpu_ratio = ratios(bf16_routes, bf16_peers)
       key = "forward" if mode == "forward" else "train"
-      entry = {
+      result[f"{key}_b{batch}"] = {
           "best_route": ours_best,
           "ms_per_fov": {n: round(median(batch, mode, n) / batch * 1e3, 2) for n in [*ours, *peers]},
           "cpu_ms_per_fov": {n: round(median(batch, mode, n, cpu=True) / batch * 1e3, 2)
                              for n in [*ours, *peers]},
           "best_peer": best_peer,
-          "ratio_vs_best_peer": (round(peer_times[best_peer] / median(batch, mode, ours_best), 4)
-                                 if best_peer and ours_best else None),
-          "cpu_ratio_vs_best_peer": (
-              round(peer_cpu[best_cpu_peer] / median(batch, mode, ours_best, cpu=True), 4)
-              if best_cpu_peer and ours_best else None),
+          "ratio_vs_best_peer": ratio,
+          "cpu_ratio_vs_best_peer": cpu_ratio,
+          "best_bf16_route": bf16_best,
+          "best_bf16_peer": best_bf16_peer,
+          "bf16_ratio_vs_best_bf16_peer": bf16_ratio,
+          "bf16_cpu_ratio_vs_best_bf16_peer": bf16_cpu_ratio,
       }
-      result[f"{key}_b{batch}"] = entry
   load_end = os.getloadavg()
   print(f"# load average at start {load_start[0]:.2f}, at end {load_end[0]:.2f}; "
         f"wall {time.time() - t_start:.0f} s")
@@ -445,6 +478,9 @@ def main():
       "train_ratio_vs_best_peer": result[f"train_b{b4}"]["ratio_vs_best_peer"],
       "forward_cpu_ratio_vs_best_peer": result[f"forward_b{b4}"]["cpu_ratio_vs_best_peer"],
       "train_cpu_ratio_vs_best_peer": result[f"train_b{b4}"]["cpu_ratio_vs_best_peer"],
+      "forward_bf16_ratio_vs_best_bf16_peer":
+          result[f"forward_b{b4}"]["bf16_ratio_vs_best_bf16_peer"],
+      "train_bf16_ratio_vs_best_bf16_peer": result[f"train_b{b4}"]["bf16_ratio_vs_best_bf16_peer"],
       "ratio_batch": b4,
       "peer_malloc": args.peer_malloc,
       "our_malloc": args.our_malloc,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,6 +27,8 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
 
 from configs import fib25_infer  # noqa: E402
 from ffn_jax import evaluation  # noqa: E402
@@ -40,17 +41,6 @@ TF_REFERENCE = {"c64": {"vi": 1.763, "fov_calls": 67, "wall_s": 28.0},
                 "c100": {"vi": 1.886, "are": 0.198, "fov_calls": 726, "wall_s": 200.0},
                 "c150": {"vi": 1.657, "are": 0.124, "fov_calls": 3872, "wall_s": 1241.0}}
 DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.machine()
 
 
 def _crop(volume_path: str, start: int, size: int) -> np.ndarray:
@@ -182,7 +172,7 @@ def main(argv=None) -> int:
           f"{r['counters'].get('merges')} merges")
 
   summary = {"crop": args.crop, "workdir": base, "reference_tf": TF_REFERENCE.get(args.crop),
-             "cpu": _cpu_model(), "load_avg_end": os.getloadavg()}
+             "cpu": _common.cpu_model(), "load_avg_end": os.getloadavg()}
   for name, r in tiled_results.items():
     summary[name] = {"vi": r["metrics"]["vi"], "are": r["metrics"]["are"],
                      "vi_vs_single": r["vs_single"]["vi"],

@@ -205,15 +205,19 @@ def test_conv_stack_workers_end_to_end():
     pytest.skip("needs an environment without one of the [compare] peers")
   peer = missing[0]
   proc, out = _run("bench/conv_stack.py", "--fov", "9", "--depth", "2", "--features", "4",
-                   "--routes", "im2col_kz,no_such_route", "--peers", peer, "--batches", "2",
+                   "--routes", "im2col_kz,no_such_route", "--peers", f"{peer},{peer}_bf16",
+                   "--batches", "2",
                    "--repeats", "2", "--warmup", "1")
   assert "no_such_route skipped" in proc.stdout
   assert f"{peer} skipped" in proc.stdout and "pip install -e .[compare]" in proc.stdout
+  assert f"{peer}_bf16 skipped" in proc.stdout
   for mode in ("forward_b2", "train_b2"):
     assert out[mode]["best_route"] == "im2col_kz"
     assert out[mode]["ms_per_fov"]["im2col_kz"] > 0
     assert out[mode]["best_peer"] is None
+    assert out[mode]["best_bf16_route"] is None and out[mode]["best_bf16_peer"] is None
   assert out["train_ratio_vs_best_peer"] is None
+  assert out["train_bf16_ratio_vs_best_bf16_peer"] is None
   assert out["our_malloc"] == "retain" and out["peer_malloc"] == "default"
 
 
