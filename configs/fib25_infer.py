@@ -40,7 +40,10 @@ def add_flood_settings(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   # larger batches give the same segmentation (speculative segments are checked at each commit).
   c.batch_size = 1
   c.max_pending = 0  # look-ahead in seeds incl. paused segments; 0 = 1 (batch 1) or 4 x batch
-  c.pad_batches = "buckets"  # pad a partial batch to the next power of two, or "full"
+  # A partial batch is padded to the next power of two ("buckets": log2(batch) + 1 compiles,
+  # and fewer padded FOVs, which cost as much as real ones on a CPU) or to batch_size ("full":
+  # one compile; padding is almost free on a GPU). "auto": full on an accelerator, else buckets.
+  c.pad_batches = "auto"
   c.precision = "highest"  # jax matmul/conv precision (matters on GPUs: no TF32)
   return c
 

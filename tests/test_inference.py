@@ -305,3 +305,23 @@ def test_predictor_pads_to_fixed_batches():
   assert full.buckets == [4]
   full(image[:1], seed_logits[:1])
   assert full.padded_fovs == 3
+
+
+def test_pad_batches_auto_follows_the_backend_and_bad_values_are_refused():
+  import jax
+  from ffn_jax import model
+  from ffn_jax.errors import UserError
+  from ffn_jax.inference import runner
+  from configs import fib25_infer
+  cfg = fib25_infer.get_config()
+  cfg.batch_size = 8
+  assert cfg.pad_batches == "auto"
+  net = model.FFN(depth=2, features=4)
+  params = jax.tree_util.tree_map(np.asarray, model.init_params(net, jax.random.PRNGKey(1), FOV))
+  spec = {"depth": 2, "features": 4, "fov_size_zyx": FOV}
+  pred = runner.make_predictor(cfg, params, spec, "xla")
+  want = [1, 2, 4, 8] if jax.default_backend() == "cpu" else [8]
+  assert pred.buckets == want
+  cfg.pad_batches = "some"
+  with pytest.raises(UserError, match="pad_batches must be"):
+    runner.options_from_config(cfg)

@@ -74,8 +74,9 @@ def options_from_config(config) -> options_lib.InferenceOptions:
                     f"{o.min_boundary_dist_zyx}")
   if int(config.batch_size) < 1:
     raise UserError(f"batch_size must be >= 1, got {config.batch_size}")
-  if config.pad_batches not in ("buckets", "full"):
-    raise UserError(f"pad_batches must be 'buckets' or 'full', got {config.pad_batches!r}")
+  if config.pad_batches not in ("auto", "buckets", "full"):
+    raise UserError(f"pad_batches must be 'auto', 'buckets' or 'full', got "
+                    f"{config.pad_batches!r}")
   return options_lib.InferenceOptions(
       init_activation=float(o.init_activation), pad_value=float(o.pad_value),
       move_threshold=float(o.move_threshold), segment_threshold=float(o.segment_threshold),
@@ -141,10 +142,14 @@ class BorderPadding:
 
 def make_predictor(config, params, model: dict, conv_impl: str):
   """The jitted batched FFN forward for ``config.batch_size`` FOVs (compiled on first use)."""
-  from ffn_jax.inference.predict import Predictor  # jax import only when the model runs
+  import jax  # only when the model runs
+
+  from ffn_jax.inference.predict import Predictor
+  pad = str(config.pad_batches)
+  if pad == "auto":
+    pad = "buckets" if jax.default_backend() == "cpu" else "full"
   return Predictor(params, int(model["depth"]), int(model["features"]), model["fov_size_zyx"],
-                   max(1, int(config.batch_size)), conv_impl, str(config.precision),
-                   str(config.pad_batches))
+                   max(1, int(config.batch_size)), conv_impl, str(config.precision), pad)
 
 
 def resolve_bbox(volume_shape, start_zyx, size_zyx):
