@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, cli_env
+from conftest import REPO, cli_env, shared_data
 
 
 def _load(name):
@@ -257,6 +257,15 @@ def test_watershed_baseline_chooses_on_training_data_and_beats_trivial_segmentat
   assert seg.shape == test[1].shape and seg.min() > 0
   one = evaluation.evaluate_segmentation(np.ones_like(test[1]), test[1])["vi"]
   assert result["test"]["vi"] < 0.8 * one, (result["test"], one)
+
+
+def test_canvas_host_bench_runs_the_canvas_with_a_label_oracle():
+  shared_data("fib25_training_sample2", "labels.zarr")
+  proc, out = _run("bench/canvas_host.py", "--crop", "c64", "--repeats", "2")
+  assert json.loads(proc.stdout.splitlines()[0])["code"] == str(REPO / "ffn_jax")
+  assert out["fov_calls"] > 50 and out["segments"] >= 1
+  assert 0 < out["host_ms_per_fov"] and 0 < out["oracle_s"] < out["loop_s"]
+  assert len(out["host_ms_per_fov_all"]) == 2
 
 
 def test_gpu_check_runs_every_step_in_dry_mode():

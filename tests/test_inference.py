@@ -254,6 +254,10 @@ def test_batched_equals_sequential(batch_size, max_pending):
   assert bat.counters["batches"] < seq.counters["batches"]
   assert bat.counters["fov_calls"] == (seq.counters["fov_calls"]
                                        + bat.counters.get("fov_wasted", 0))
+  for c in (seq, bat):  # object maps are recycled: all given back, and back to all NaN
+    assert c.maps.in_use == 0 and c.maps.free
+    assert all(np.isnan(m).all() for m in c.maps.free)
+  assert bat.counters.get("speculative_restarts", 0) + bat.counters.get("speculative_drops", 0)
 
 
 @pytest.mark.parametrize("batch_size,kill_after", [(1, 9), (1, 40), (3, 25)])

@@ -33,7 +33,7 @@ import numpy as np
 from ffn_jax.inference import canvas_state
 from ffn_jax.inference.options import InferenceOptions, Thresholds
 from ffn_jax.inference.seed import SeedList
-from ffn_jax.inference.segment import Segment
+from ffn_jax.inference.segment import MapPool, Segment
 
 
 class Canvas:
@@ -66,6 +66,7 @@ class Canvas:
     if max_pending is None:
       max_pending = 1 if self.batch_size == 1 else 4 * self.batch_size
     self.max_pending = max(int(max_pending), self.batch_size)
+    self.maps = MapPool(self.shape, self.max_pending)
     self.segmentation = np.zeros(self.shape, np.int32)
     self.max_id = 0
     self.origins: dict = {}   # id -> (seed zyx, FOV iterations, voxels)
@@ -226,6 +227,7 @@ class Canvas:
       job = self.jobs.pop(0)
       t0 = time.perf_counter()
       self._commit(job)
+      job.release()
       self.count("time_commit_s", time.perf_counter() - t0)
       if self.jobs:
         self.jobs[0].consulted = []  # the new head is no longer speculative
@@ -284,6 +286,7 @@ class Canvas:
         self.count("seeds_skipped_segmented" if hit([job.start]) else "seeds_skipped_boundary")
         self.count("fov_wasted", job.iters)
         self.count("speculative_drops")
+        job.release()
         continue
       if hit(job.consulted):
         self.count("fov_wasted", job.iters)

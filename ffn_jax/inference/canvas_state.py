@@ -63,6 +63,8 @@ def load_state(canvas, st: dict) -> None:
                           st["overlap_count"][sel].astype(np.int64))
   canvas.counters = json.loads(str(st["counters_json"]))
   canvas.set_seeds(st["seed_coords"], int(st["seed_idx"]))
+  for job in canvas.jobs:
+    job.release()
   canvas.jobs = []
   if "head_seed" in st:
     head = {k[len("head_"):]: v for k, v in st.items() if k.startswith("head_")}
