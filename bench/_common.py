@@ -155,6 +155,16 @@ def steady_state(records: list[dict], warmup_steps: int) -> dict:
   return out
 
 
+# -- shared data ------------------------------------------------------------------------------------
+# Cubic crops of FIB-25 training_sample2 used by the inference benchmarks: zyx start, size.
+FIB25_CROPS = {"c64": (93, 64), "c100": (75, 100), "c150": (50, 150)}
+
+
+def shared_data_dir() -> str:
+  """``../shared/data`` beside the checkout, or ``$FFN_SHARED_DATA`` (as the tests read it)."""
+  return os.environ.get("FFN_SHARED_DATA", os.path.join(os.path.dirname(REPO), "shared", "data"))
+
+
 # -- machine and output ----------------------------------------------------------------------------
 def load_average() -> list[float]:
   return [round(x, 2) for x in os.getloadavg()]

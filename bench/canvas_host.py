@@ -5,9 +5,9 @@
 On a GPU the FFN call is a few ms, so what the canvas does on the host between calls (FOV
 crops, seed write-back, movement, commits, object-map resets) decides the inference time. This
 runs ``Canvas.segment_all`` on a FIB-25 crop (seeds from the peaks policy on the real image,
-Google's inference thresholds) with an oracle in place of the network: each FOV's logits say "the label that most of the current
-object's voxels in the FOV carry", falling off from the FOV centre so that face maxima are
-unique. The oracle's own time is excluded: the table gives host ms per FOV call (loop wall
+Google's inference thresholds) with an oracle in place of the network: each FOV's logits say
+"the label that most of the current object's voxels in the FOV carry", falling off from the
+FOV centre so that face maxima are unique. The oracle's own time is excluded: the table gives host ms per FOV call (loop wall
 minus oracle time, over FOV calls) and the commit share, median over ``--repeats``.
 
 To compare two versions of the code side by side, run this script from each checkout in turn
@@ -36,14 +36,10 @@ import _common  # noqa: E402
 from ffn_jax.data import volumes  # noqa: E402
 from ffn_jax.inference import canvas as canvas_lib  # noqa: E402
 from ffn_jax.inference import runner  # noqa: E402
+from configs import fib25_infer  # noqa: E402  (_common put the repository on the path)
 
-sys.path.insert(0, REPO)
-from configs import fib25_infer  # noqa: E402
-
-CROPS = {"c64": (93, 64), "c100": (75, 100), "c150": (50, 150)}  # as bench/inference.py
-DATA = os.path.join(os.environ.get("FFN_SHARED_DATA", os.path.join(os.path.dirname(REPO), "shared",
-                                                                   "data")),
-                    "fib25_training_sample2")
+CROPS = _common.FIB25_CROPS
+DATA = os.path.join(_common.shared_data_dir(), "fib25_training_sample2")
 FOV = (33, 33, 33)
 DELTAS = (8, 8, 8)
 

@@ -18,8 +18,8 @@ glibc's defaults unless ``--peer-malloc=retain`` gives them the same settings.
 Peers come from ``pip install -e .[compare]``; missing ones are reported and skipped (their
 ratios are then null). Our float32 routes are compared with the float32 peers, our bf16 routes
 (``onednn_bf16``) with the bf16 peers (``tf_bf16``: Keras ``mixed_bfloat16``; ``torch_bf16``:
-channels_last_3d under CPU autocast), so both ratios come from one run. GFLOP/s counts 45.7 GFLOP per FOV forward (the 23 32->32 convs) and 3x
-that for a training step. Speed ratio = peer time / our time, > 1 means ours is faster. The last
+channels_last_3d under CPU autocast), so both ratios come from one run. GFLOP/s counts 45.7
+GFLOP per FOV forward (the 23 32->32 convs) and 3x that for a training step. Speed ratio = peer time / our time, > 1 means ours is faster. The last
 line of output is one JSON object.
 """
 from __future__ import annotations

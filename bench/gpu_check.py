@@ -36,7 +36,8 @@ import _common  # noqa: E402
 import conv_stack as conv_stack_bench  # noqa: E402
 import train_throughput  # noqa: E402
 
-CROPS = {"c100": (75, 100), "c150": (50, 150), "dry": (93, 40)}  # zyx start, size (cubes)
+CROPS = {"c100": _common.FIB25_CROPS["c100"], "c150": _common.FIB25_CROPS["c150"],
+         "dry": (93, 40)}  # zyx start, size (cubes)
 
 
 def parse_args(argv=None):

@@ -35,12 +35,12 @@ from ffn_jax import evaluation  # noqa: E402
 from ffn_jax.data import volumes  # noqa: E402
 from ffn_jax.inference import runner  # noqa: E402
 
-CROPS = {"c64": (93, 64), "c100": (75, 100), "c150": (50, 150)}  # zyx start, size (cubes)
+CROPS = _common.FIB25_CROPS
 # Google's TF FFN on this machine with the same checkpoint and settings (crop as the volume).
 TF_REFERENCE = {"c64": {"vi": 1.763, "fov_calls": 67, "wall_s": 28.0},
                 "c100": {"vi": 1.886, "are": 0.198, "fov_calls": 726, "wall_s": 200.0},
                 "c150": {"vi": 1.657, "are": 0.124, "fov_calls": 3872, "wall_s": 1241.0}}
-DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
+DATA = _common.shared_data_dir()
 
 
 def _crop(volume_path: str, start: int, size: int) -> np.ndarray:
