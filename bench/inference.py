@@ -77,18 +77,6 @@ def run_one(crop: str, checkpoint: str, batch_size: int, workdir: str, conv_impl
   return {"counters": counters, "seg": seg}
 
 
-def split_objects(single: np.ndarray, tiled_seg: np.ndarray, min_size: int = 1000,
-                  min_part: float = 0.1) -> int:
-  """Single-pass segments (>= min_size voxels) whose voxels the tiled result spreads over two
-  or more IDs, each holding >= min_part of the segment: objects stitching left split."""
-  n = 0
-  ids, sizes = np.unique(single[single > 0], return_counts=True)
-  for sid in ids[sizes >= min_size]:
-    parts = np.unique(tiled_seg[single == sid], return_counts=True)[1]
-    n += int(np.sum(parts >= min_part * parts.sum()) >= 2)
-  return n
-
-
 def _row(name, m=None, counters=None, ref=None, same=""):
   m = m or {}
   counters = counters or {}
@@ -148,7 +136,7 @@ def main(argv=None) -> int:
     r["metrics"] = evaluation.evaluate_segmentation(r["seg"], truth)
     single = results[first_key]["seg"]
     r["vs_single"] = evaluation.evaluate_segmentation(r["seg"], single)
-    r["split_objects"] = split_objects(single, r["seg"])
+    r["split_objects"] = evaluation.split_objects(single, r["seg"])
     tiled_results[name] = r
 
   header = (f"{'run (' + args.crop + ')':<22} {'VI':>6} {'split':>6} {'merge':>6} {'ARE':>6} "

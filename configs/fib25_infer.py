@@ -79,6 +79,9 @@ def get_config() -> ml_collections.ConfigDict:
   # and that is >= min_fraction of each one's voxels there (> 0.5: one partner at most).
   c.stitch.min_overlap_voxels = 100
   c.stitch.min_fraction = 0.6
+  # Compare the tiles only >= margin voxels from every tile edge inside the bbox, where both
+  # tiles' FOVs reached (must stay below half the overlap); 0 = the whole overlap.
+  c.stitch.margin = 0
   c.stitch.output = ""  # '' = segmentation.zarr (zarr) or segmentation/ (precomputed)
   c.output_format = "zarr"  # of tiled runs: zarr | precomputed (neuroglancer)
 

@@ -156,3 +156,18 @@ def evaluate_segmentation(pred: np.ndarray, truth: np.ndarray,
   """VI and adapted Rand error of segmentation ``pred`` against ``truth`` (same shape, int IDs)."""
   return metrics_from_table(*contingency_table(pred, truth), pred_unlabelled=pred_unlabelled,
                             truth_zero=truth_zero)
+
+
+def split_objects(reference: np.ndarray, seg: np.ndarray, min_size: int = 1000,
+                  min_part: float = 0.1) -> int:
+  """How many segments of ``reference`` (>= ``min_size`` voxels; 0 is not a segment) ``seg``
+  spreads over two or more labels (0 included) that each hold >= ``min_part`` of it: objects one
+  segmentation keeps whole and the other cuts, e.g. a stitched result against a single pass.
+  Swap the arguments for the objects ``seg`` merges."""
+  seg_ids, ref_ids, counts = contingency_table(seg, reference)
+  keep = ref_ids != 0
+  ref_ids, counts = ref_ids[keep], counts[keep]
+  ids, inverse = np.unique(ref_ids, return_inverse=True)
+  sizes = np.bincount(inverse, weights=counts)
+  parts = np.bincount(inverse, weights=counts >= min_part * sizes[inverse])
+  return int(np.sum((sizes >= min_size) & (parts >= 2)))

@@ -76,7 +76,7 @@ def _write_tiles(tmp_path, truth, tiles, split=None):
 
 
 def _stitch(tmp_path, tiles, fmt="zarr", output="", **settings):
-  settings = {"min_overlap_voxels": 10, "min_fraction": 0.6, **settings}
+  settings = {"min_overlap_voxels": 10, "min_fraction": 0.6, "margin": 0, **settings}
   config = ml_collections.ConfigDict({"stitch": {"output": output}})
   identity = {"voxel_size_zyx": [1.0, 1.0, 1.0], "job": "test"}
   return tiled.stitch(str(tmp_path), tiles, identity, settings, config, fmt,
@@ -114,6 +114,69 @@ def test_a_split_in_one_tile_is_not_glued_through_a_neighbour(tmp_path):
   assert len(piece) == 1 and (seg == piece[0]).sum() == (truth[:12, :12, :7] == 1).sum()
 
 
+def test_match_region_drops_a_margin_at_inner_tile_edges_only():
+  tiles = tiling.plan((0, 0, 0), (10, 10, 28), (10, 10, 18), (4, 4, 8))
+  assert [t.start[2] for t in tiles] == [0, 10]
+  assert tiling.match_region(*tiles, (0, 0, 0), (10, 10, 28)) == ((0, 0, 10), (10, 10, 8))
+  # z and y edges lie on the box's boundary and stay; x loses 3 at tile 0's end and tile 1's start.
+  assert tiling.match_region(*tiles, (0, 0, 0), (10, 10, 28), 3) == ((0, 0, 13), (10, 10, 2))
+  assert tiling.match_region(*tiles, (0, 0, 0), (10, 10, 28), 4) is None
+
+
+def _sliver_tiles(tmp_path):
+  """One object crossing an x border; each tile cuts off a 3-voxel sliver next to its own inner
+  edge (as an FFN does where its FOV cannot reach). Writes the tiles and tiling.json."""
+  truth = np.ones((10, 10, 28), np.uint32)
+  tiles = tiling.plan((0, 0, 0), truth.shape, (10, 10, 18), (4, 4, 8))
+  left = np.ones((10, 10, 18), np.uint32)
+  left[..., 15:] = 2
+  right = np.full((10, 10, 18), 5, np.uint32)
+  right[..., :3] = 6
+  for t, seg in zip(tiles, (left, right)):
+    (tmp_path / "tiles" / t.name).mkdir(parents=True)
+    volumes.write_zarr(str(tmp_path / "tiles" / t.name / "segmentation.zarr"), seg)
+  (tmp_path / "tiling.json").write_text(json.dumps({
+      "identity": {"bbox_start_zyx": [0, 0, 0], "bbox_size_zyx": list(truth.shape)},
+      "tiles": [t.to_json() for t in tiles]}))
+  return truth, tiles
+
+
+def test_margin_matches_tiles_that_disagree_only_next_to_their_edges(tmp_path):
+  """Over the whole overlap the two tiles' segments share too little; in the middle of the
+  overlap they agree."""
+  truth, tiles = _sliver_tiles(tmp_path)
+  config = ml_collections.ConfigDict({"stitch": {"output": ""}})
+  identity = {"voxel_size_zyx": [1.0, 1.0, 1.0], "job": "test"}
+  results = {}
+  for margin in (0, 3):
+    config.stitch.output = f"m{margin}.zarr"
+    tiled.stitch(str(tmp_path), tiles, identity, {"min_overlap_voxels": 10, "min_fraction": 0.6,
+                 "margin": margin}, config, "zarr", ((0, 0, 0), truth.shape))
+    seg = volumes.open_volume(str(tmp_path / f"m{margin}.zarr")).read()
+    results[margin] = evaluation.evaluate_segmentation(seg, truth)
+  assert results[0]["vi_split"] > 0.5
+  assert results[3]["vi"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_stitch_study_restitches_the_kept_tiles_with_each_rule(tmp_path):
+  truth, _ = _sliver_tiles(tmp_path)
+  volumes.write_zarr(str(tmp_path / "single.zarr"), truth)
+  proc = subprocess.run([sys.executable, "bench/stitch_study.py", "--tiled", str(tmp_path),
+                         "--reference", str(tmp_path / "single.zarr"), "--truth",
+                         str(tmp_path / "single.zarr"), "--rules", "10,0.6,0", "10,0.6,3"],
+                        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  rows = json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
+  assert [r["rule"] for r in rows] == ["reference", "10,0.6,0", "10,0.6,3"]
+  no_margin, margin = rows[1], rows[2]
+  # Each sliver joins the other tile's piece, but the two pieces never join each other.
+  assert no_margin["merges"] == 2 and no_margin["reference_objects_split"] == 1
+  assert no_margin["vi_vs_reference"] == pytest.approx(1.0, abs=0.01)  # two halves: 1 bit
+  assert margin["merges"] == 1 and margin["reference_objects_split"] == 0
+  assert margin["vi_vs_reference"] == pytest.approx(0.0, abs=1e-9) == margin["vi"]
+  assert margin["objects_merging_reference"] == 0
+
+
 def test_strict_thresholds_leave_the_tiles_apart_and_restitching_needs_a_new_name(tmp_path):
   truth = _truth()
   tiles = tiling.plan((0, 0, 0), truth.shape, (14, 14, 14), (4, 4, 4))
@@ -138,8 +201,9 @@ def test_precomputed_output_opens_at_its_offset(tmp_path):
                                     else v for i, v in enumerate(
                                         (t.start, t.size, t.core_start, t.core_size))])
              for t in tiles]
-  tiled.stitch(str(tmp_path), shifted, identity, {"min_overlap_voxels": 10, "min_fraction": 0.6},
-               config, "precomputed", ((5, 6, 7), (24, 24, 24)))
+  settings = {"min_overlap_voxels": 10, "min_fraction": 0.6, "margin": 0}
+  tiled.stitch(str(tmp_path), shifted, identity, settings, config, "precomputed",
+               ((5, 6, 7), (24, 24, 24)))
   store = ts.open({"driver": "neuroglancer_precomputed",
                    "kvstore": {"driver": "file", "path": str(tmp_path / "segmentation")}}).result()
   assert list(store.domain.inclusive_min[:3]) == [7, 6, 5]  # x, y, z
@@ -219,6 +283,7 @@ def test_tiled_run_one_and_two_ranks_and_resume(assets, tmp_path):
     (("--config.tile_size_zyx=(16,16,16)", "--config.tile_overlap_zyx=(8,6,6)"), "below half"),
     (("--config.tile_size_zyx=(16,0,16)",), "positive"),
     (TILES + ("--config.stitch.min_fraction=0.4",), "min_fraction"),
+    (TILES + ("--config.stitch.margin=3",), "stitch.margin"),
     (TILES + ("--config.output_format=n5",), "output_format"),
 ])
 def test_bad_tiling_settings_are_one_line_exit_2(assets, tmp_path, extra, text):

@@ -58,12 +58,18 @@ def _tile_config(config, tile: tiling.Tile):
 
 def _stitch_settings(config) -> dict:
   s = config.stitch
+  overlaps = tuple(int(o) for o in config.tile_overlap_zyx)
+  if int(s.margin) < 0 or (int(s.margin) > 0 and 2 * int(s.margin) >= min(overlaps)):
+    raise UserError(f"stitch.margin must be >= 0 and below half of the smallest "
+                    f"tile_overlap_zyx {overlaps}, got {s.margin} (the tiles are "
+                    "compared in the middle of their overlap)")
   if int(s.min_overlap_voxels) < 1:
     raise UserError(f"stitch.min_overlap_voxels must be >= 1, got {s.min_overlap_voxels}")
   if not 0.5 < float(s.min_fraction) <= 1.0:
     raise UserError(f"stitch.min_fraction must lie in (0.5, 1], got {s.min_fraction} (above "
                     "0.5 a segment matches at most one segment of the neighbouring tile)")
-  return {"min_overlap_voxels": int(s.min_overlap_voxels), "min_fraction": float(s.min_fraction)}
+  return {"min_overlap_voxels": int(s.min_overlap_voxels), "min_fraction": float(s.min_fraction),
+          "margin": int(s.margin)}
 
 
 def _claim(folder: str, tile: tiling.Tile, rank: int) -> bool:
@@ -193,23 +199,8 @@ def stitch(workdir: str, tiles, identity: dict, settings: dict, config, fmt: str
   def read(k: int, start, size) -> np.ndarray:
     return segs[k].read(tuple(a - b for a, b in zip(start, tiles[k].start)), size)
 
-  max_ids, present = [], []
-  for k, t in enumerate(tiles):
-    whole = read(k, t.start, t.size)
-    core = whole[tuple(slice(a - b, a - b + n)
-                       for a, b, n in zip(t.core_start, t.start, t.core_size))]
-    max_ids.append(int(whole.max(initial=0)))
-    present.append(np.unique(core[core > 0]))
-  merges = []
-  for i in range(len(tiles)):
-    for j in range(i + 1, len(tiles)):
-      region = tiling.intersection(tiles[i], tiles[j])
-      if region is None:
-        continue
-      for a, b, _ in tiling.match(read(i, *region), read(j, *region),
-                                  settings["min_overlap_voxels"], settings["min_fraction"]):
-        merges.append((i, a, j, b))
-  tables, n = tiling.global_ids(max_ids, merges, present)
+  result = tiling.stitch_tables(tiles, read, bbox[0], bbox[1], **settings)
+  tables, n = result.tables, result.segments
   dtype = np.uint32 if n < 2**32 else np.uint64
   writer = volumes.SegmentationWriter(out_path, fmt, bbox[1], bbox[0],
                                       identity["voxel_size_zyx"], dtype, attrs)
@@ -222,7 +213,7 @@ def stitch(workdir: str, tiles, identity: dict, settings: dict, config, fmt: str
   runner.write_json(_beside(out_path, "segments.json"),
                     {str(i): int(v) for i, v in enumerate(sizes) if i > 0 and v > 0})
   return {"output": out_path, "output_format": fmt, "segments": int(np.count_nonzero(sizes[1:])),
-          "merges": len(merges), "tile_segments": int(sum(len(p) for p in present)),
+          "merges": len(result.merges), "tile_segments": result.tile_segments,
           "voxels_labelled": int(sizes[1:].sum()), "voxels_total": int(np.prod(bbox[1])),
           "stitch": settings, "time_stitch_s": time.perf_counter() - t0,
           "bbox_start_zyx": list(bbox[0]), "bbox_size_zyx": list(bbox[1]),

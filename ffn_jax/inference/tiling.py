@@ -6,8 +6,12 @@ one before may be larger). Every tile also has a *core*: the tiles' cores split 
 the middle, so they partition the box and every output voxel comes from exactly one tile.
 
 Stitching rule: two tiles' segments ``a`` and ``b`` are the same object when, inside the region
-where the two tiles overlap, they share at least ``min_overlap_voxels`` voxels and that shared
-part is at least ``min_fraction`` of ``a``'s voxels in the region *and* of ``b``'s. With
+where the two tiles are compared, they share at least ``min_overlap_voxels`` voxels and that
+shared part is at least ``min_fraction`` of ``a``'s voxels in the region *and* of ``b``'s. The
+region is the tiles' overlap less ``margin`` voxels next to every tile edge that lies inside the
+box (``match_region``): a FOV cannot be centred within half its size of a tile's edge, so each
+tile segments the voxels next to its own edges worst, and neighbouring tiles disagree most there.
+With
 ``min_fraction > 0.5`` a segment can match at most one segment of the other tile, so one tile
 pair never chains distinct objects together. The matches of all tile pairs (faces, edges and
 corners) are joined with union-find (connected components), and the objects get consecutive
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import numpy as np
 from scipy import sparse
@@ -94,6 +99,66 @@ def intersection(a: Tile, b: Tile):
   if any(e <= s for s, e in zip(start, stop)):
     return None
   return start, tuple(e - s for s, e in zip(start, stop))
+
+
+def match_region(a: Tile, b: Tile, box_start, box_size, margin: int = 0):
+  """(start, size) of the region where tiles ``a`` and ``b`` are compared, or None: their
+  overlap, less ``margin`` voxels next to each edge of either tile that lies inside the box
+  (an edge on the box's own boundary has no neighbour and stays)."""
+  region = intersection(a, b)
+  if region is None:
+    return None
+  box_stop = [s + n for s, n in zip(box_start, box_size)]
+  lo, hi = list(region[0]), [s + n for s, n in zip(*region)]
+  for t in (a, b):
+    for d in range(3):
+      if t.start[d] > box_start[d]:
+        lo[d] = max(lo[d], t.start[d] + margin)
+      if t.stop[d] < box_stop[d]:
+        hi[d] = min(hi[d], t.stop[d] - margin)
+  if any(h <= l for l, h in zip(lo, hi)):
+    return None
+  return tuple(lo), tuple(h - l for l, h in zip(lo, hi))
+
+
+def find_merges(tiles, read, box_start, box_size, min_overlap_voxels: int, min_fraction: float,
+                margin: int = 0) -> list[tuple[int, int, int, int]]:
+  """(tile i, local a, tile j, local b) for every pair of segments of overlapping tiles that
+  the rule (module docstring) calls one object; ``read(k, start, size)`` returns tile ``k``'s
+  local labels in a box given in volume coordinates."""
+  merges = []
+  for i in range(len(tiles)):
+    for j in range(i + 1, len(tiles)):
+      region = match_region(tiles[i], tiles[j], box_start, box_size, margin)
+      if region is None:
+        continue
+      for a, b, _ in match(read(i, *region), read(j, *region), min_overlap_voxels,
+                           min_fraction):
+        merges.append((i, a, j, b))
+  return merges
+
+
+class Stitch(NamedTuple):
+  tables: list  # per tile: uint64 local ID -> global ID (0: unlabelled, or not in the output)
+  segments: int  # global IDs
+  merges: list  # (tile i, local a, tile j, local b)
+  tile_segments: int  # local IDs present in their tile's core, over all tiles
+
+
+def stitch_tables(tiles, read, box_start, box_size, min_overlap_voxels: int, min_fraction: float,
+                  margin: int = 0) -> Stitch:
+  """The whole stitch short of writing the volume. ``read`` as in ``find_merges``; each tile is
+  read whole once for its IDs."""
+  max_ids, present = [], []
+  for k, t in enumerate(tiles):
+    whole = read(k, t.start, t.size)
+    core = whole[tuple(slice(a - b, a - b + n)
+                       for a, b, n in zip(t.core_start, t.start, t.core_size))]
+    max_ids.append(int(whole.max(initial=0)))
+    present.append(np.unique(core[core > 0]))
+  merges = find_merges(tiles, read, box_start, box_size, min_overlap_voxels, min_fraction, margin)
+  tables, n = global_ids(max_ids, merges, present)
+  return Stitch(tables, n, merges, int(sum(len(p) for p in present)))
 
 
 def match(seg_a: np.ndarray, seg_b: np.ndarray, min_overlap_voxels: int,

@@ -1,0 +1,120 @@
+"""How the stitching rule moves a tiled segmentation: restitched in memory from the kept tiles.
+
+  python bench/stitch_study.py --tiled runs/s1/t100o48 --reference runs/s1/single/segmentation.zarr \
+    --rules 100,0.6,0 100,0.6,8 100,0.6,16 100,0.51,16 [--truth ../shared/data/.../labels.zarr]
+
+``--tiled`` is the workdir of a finished tiled ``infer.py`` run (its tiles and ``tiling.json``);
+each rule ``MIN_VOXELS,MIN_FRACTION,MARGIN`` (``stitch.min_overlap_voxels``,
+``stitch.min_fraction``, ``stitch.margin``) is stitched with the code ``infer.py`` uses
+(``tiling.stitch_tables``), nothing is written. Each result is compared with ``--reference``,
+normally a single-pass segmentation of the same box: VI between the two, and how many
+reference segments (>= 1000 voxels) the stitched one splits and how many stitched segments
+merge reference ones; with ``--truth``, VI / ARE against the labels (all voxels, unlabelled as
+one segment, as ``ffn_jax.evaluate --truth-zero as-segment``). A reference or truth larger
+than the box is cropped to it (volume coordinates: the box's ``bbox_start_zyx`` less the
+volume's recorded offset). Tune the rule against a single pass on training data (e.g. the
+unlabelled fib25_training_sample1), not on evaluation crops. Last line: one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+from ffn_jax import evaluation  # noqa: E402
+from ffn_jax.data import volumes  # noqa: E402
+from ffn_jax.inference import runner, tiling  # noqa: E402
+
+
+def load_tiles(workdir: str):
+  """(tiles, box start, box size, reader) of a tiled run's workdir."""
+  with open(os.path.join(workdir, "tiling.json")) as f:
+    plan = json.load(f)
+  tiles = [tiling.Tile(**{k: tuple(v) for k, v in t.items()}) for t in plan["tiles"]]
+  start = tuple(plan["identity"]["bbox_start_zyx"])
+  size = tuple(plan["identity"]["bbox_size_zyx"])
+  arrays = [volumes.open_volume(os.path.join(workdir, "tiles", t.name, runner.SEGMENTATION)).read()
+            for t in tiles]
+
+  def read(k: int, at, shape) -> np.ndarray:
+    lo = [a - b for a, b in zip(at, tiles[k].start)]
+    return arrays[k][tuple(slice(a, a + n) for a, n in zip(lo, shape))]
+  return tiles, start, size, read
+
+
+def stitched(tiles, start, size, read, min_overlap_voxels, min_fraction, margin):
+  """The stitched volume of the box, in memory, and the number of merges."""
+  result = tiling.stitch_tables(tiles, read, start, size, min_overlap_voxels, min_fraction,
+                                margin)
+  out = np.zeros(size, np.uint64)
+  for k, t in enumerate(tiles):
+    at = tuple(slice(a - b, a - b + n) for a, b, n in zip(t.core_start, start, t.core_size))
+    out[at] = result.tables[k][read(k, t.core_start, t.core_size)]
+  return out, len(result.merges)
+
+
+def read_box(path: str, start, size) -> np.ndarray:
+  vol = volumes.open_volume(path)
+  if tuple(vol.shape) == tuple(size):
+    return vol.read()
+  offset = vol.offset_zyx() or (0, 0, 0)
+  return vol.read(tuple(a - o for a, o in zip(start, offset)), size)
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--tiled", required=True, help="workdir of a finished tiled infer.py run")
+  ap.add_argument("--reference", required=True, help="segmentation to compare with")
+  ap.add_argument("--truth", default="", help="ground-truth labels (optional)")
+  ap.add_argument("--rules", nargs="+", default=["100,0.6,0"],
+                  help="MIN_VOXELS,MIN_FRACTION,MARGIN triples")
+  args = ap.parse_args(argv)
+  tiles, start, size, read = load_tiles(args.tiled)
+  reference = read_box(args.reference, start, size)
+  truth = read_box(args.truth, start, size) if args.truth else None
+  rows = []
+  if truth is not None:
+    m = evaluation.evaluate_segmentation(reference, truth)
+    rows.append({"rule": "reference", "vi": m["vi"], "vi_split": m["vi_split"],
+                 "vi_merge": m["vi_merge"], "are": m["are"], "segments": m["segments_pred"]})
+  for rule in args.rules:
+    voxels, fraction, margin = rule.split(",")
+    t0 = time.perf_counter()
+    seg, merges = stitched(tiles, start, size, read, int(voxels), float(fraction), int(margin))
+    vs = evaluation.evaluate_segmentation(seg, reference)
+    row = {"rule": rule, "merges": merges, "segments": vs["segments_pred"],
+           "vi_vs_reference": vs["vi"], "split_vs_reference": vs["vi_split"],
+           "merge_vs_reference": vs["vi_merge"],
+           "reference_objects_split": evaluation.split_objects(reference, seg),
+           "objects_merging_reference": evaluation.split_objects(seg, reference),
+           "stitch_s": time.perf_counter() - t0}
+    if truth is not None:
+      m = evaluation.evaluate_segmentation(seg, truth)
+      row.update(vi=m["vi"], vi_split=m["vi_split"], vi_merge=m["vi_merge"], are=m["are"])
+    rows.append(row)
+
+  print(f"tiled run {args.tiled}: {len(tiles)} tiles, box {start} + {size}; reference "
+        f"{args.reference}; CPU {_common.cpu_model()}")
+  cols = ["rule", "merges", "segments", "vi_vs_reference", "split_vs_reference",
+          "merge_vs_reference", "reference_objects_split", "objects_merging_reference"]
+  if truth is not None:
+    cols += ["vi", "vi_split", "vi_merge", "are"]
+  print(" | ".join(cols))
+  for r in rows:
+    print(" | ".join("-" if r.get(c) is None else
+                     f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols))
+  _common.emit_json({"benchmark": "stitch_study", "tiled": args.tiled, "tiles": len(tiles),
+                     "box_start_zyx": list(start), "box_size_zyx": list(size),
+                     "cpu": _common.cpu_model(), "rows": rows})
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
