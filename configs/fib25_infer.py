@@ -80,8 +80,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.stitch.min_overlap_voxels = 100
   c.stitch.min_fraction = 0.6
   # Compare the tiles only >= margin voxels from every tile edge inside the bbox, where both
-  # tiles' FOVs reached (must stay below half the overlap); 0 = the whole overlap.
-  c.stitch.margin = 0
+  # tiles' FOVs reached (below half the overlap; 0 = the whole overlap). -1 = a quarter of the
+  # smallest overlap: the middle half of the overlap (docs/benchmarks.md section 7).
+  c.stitch.margin = -1
   c.stitch.output = ""  # '' = segmentation.zarr (zarr) or segmentation/ (precomputed)
   c.output_format = "zarr"  # of tiled runs: zarr | precomputed (neuroglancer)
 

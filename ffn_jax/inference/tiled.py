@@ -59,17 +59,18 @@ def _tile_config(config, tile: tiling.Tile):
 def _stitch_settings(config) -> dict:
   s = config.stitch
   overlaps = tuple(int(o) for o in config.tile_overlap_zyx)
-  if int(s.margin) < 0 or (int(s.margin) > 0 and 2 * int(s.margin) >= min(overlaps)):
-    raise UserError(f"stitch.margin must be >= 0 and below half of the smallest "
-                    f"tile_overlap_zyx {overlaps}, got {s.margin} (the tiles are "
-                    "compared in the middle of their overlap)")
+  margin = min(overlaps) // 4 if int(s.margin) == -1 else int(s.margin)
+  if margin < 0 or (margin > 0 and 2 * margin >= min(overlaps)):
+    raise UserError(f"stitch.margin must be -1 (auto) or >= 0 and below half of the smallest "
+                    f"tile_overlap_zyx {overlaps}, got {s.margin} (the tiles are compared in "
+                    "the middle of their overlap)")
   if int(s.min_overlap_voxels) < 1:
     raise UserError(f"stitch.min_overlap_voxels must be >= 1, got {s.min_overlap_voxels}")
   if not 0.5 < float(s.min_fraction) <= 1.0:
     raise UserError(f"stitch.min_fraction must lie in (0.5, 1], got {s.min_fraction} (above "
                     "0.5 a segment matches at most one segment of the neighbouring tile)")
   return {"min_overlap_voxels": int(s.min_overlap_voxels), "min_fraction": float(s.min_fraction),
-          "margin": int(s.margin)}
+          "margin": margin}
 
 
 def _claim(folder: str, tile: tiling.Tile, rank: int) -> bool:
