@@ -80,9 +80,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.stitch.min_overlap_voxels = 100
   c.stitch.min_fraction = 0.6
   # Compare the tiles only >= margin voxels from every tile edge inside the bbox, where both
-  # tiles' FOVs reached (below half the overlap; 0 = the whole overlap). -1 = a quarter of the
-  # smallest overlap: the middle half of the overlap (docs/benchmarks.md section 7).
-  c.stitch.margin = -1
+  # tiles' FOVs reached (below half the overlap); -1 = a quarter of the smallest overlap (the
+  # middle half). 0, the whole overlap, stays the default: margins did not help on the whole
+  # volume (docs/benchmarks.md section 7).
+  c.stitch.margin = 0
   c.stitch.output = ""  # '' = segmentation.zarr (zarr) or segmentation/ (precomputed)
   c.output_format = "zarr"  # of tiled runs: zarr | precomputed (neuroglancer)
 
