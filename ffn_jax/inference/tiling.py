@@ -11,9 +11,8 @@ shared part is at least ``min_fraction`` of ``a``'s voxels in the region *and* o
 region is the tiles' overlap less ``margin`` voxels next to every tile edge that lies inside the
 box (``match_region``): a FOV cannot be centred within half its size of a tile's edge, so each
 tile segments the voxels next to its own edges worst, and neighbouring tiles disagree most there.
-With
-``min_fraction > 0.5`` a segment can match at most one segment of the other tile, so one tile
-pair never chains distinct objects together. The matches of all tile pairs (faces, edges and
+With ``min_fraction > 0.5`` a segment can match at most one segment of the other tile, so one
+tile pair never chains distinct objects together. The matches of all tile pairs (faces, edges and
 corners) are joined with union-find (connected components), and the objects get consecutive
 global IDs in the order of tiles, then local IDs.
 """
