@@ -37,7 +37,7 @@ def load_tiles(workdir: str):
   """(tiles, box start, box size, reader) of a tiled run's workdir."""
   with open(os.path.join(workdir, "tiling.json")) as f:
     plan = json.load(f)
-  tiles = [tiling.Tile(**{k: tuple(v) for k, v in t.items()}) for t in plan["tiles"]]
+  tiles = [tiling.Tile.from_json(t) for t in plan["tiles"]]
   start = tuple(plan["identity"]["bbox_start_zyx"])
   size = tuple(plan["identity"]["bbox_size_zyx"])
   arrays = [volumes.open_volume(os.path.join(workdir, "tiles", t.name, runner.SEGMENTATION)).read()
@@ -54,9 +54,8 @@ def stitched(tiles, start, size, read, min_overlap_voxels, min_fraction, margin)
   result = tiling.stitch_tables(tiles, read, start, size, min_overlap_voxels, min_fraction,
                                 margin)
   out = np.zeros(size, np.uint64)
-  for k, t in enumerate(tiles):
-    at = tuple(slice(a - b, a - b + n) for a, b, n in zip(t.core_start, start, t.core_size))
-    out[at] = result.tables[k][read(k, t.core_start, t.core_size)]
+  for core_start, core in tiling.cores(tiles, result.tables, read):
+    out[tuple(slice(a - b, a - b + n) for a, b, n in zip(core_start, start, core.shape))] = core
   return out, len(result.merges)
 
 

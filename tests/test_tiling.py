@@ -75,12 +75,11 @@ def _write_tiles(tmp_path, truth, tiles, split=None):
     volumes.write_zarr(str(folder / "segmentation.zarr"), perm[box].astype(np.uint32))
 
 
-def _stitch(tmp_path, tiles, fmt="zarr", output="", **settings):
+def _stitch(tmp_path, tiles, fmt="zarr", output="", box=(24, 24, 24), **settings):
   settings = {"min_overlap_voxels": 10, "min_fraction": 0.6, "margin": 0, **settings}
   config = ml_collections.ConfigDict({"stitch": {"output": output}})
   identity = {"voxel_size_zyx": [1.0, 1.0, 1.0], "job": "test"}
-  return tiled.stitch(str(tmp_path), tiles, identity, settings, config, fmt,
-                      ((0, 0, 0), (24, 24, 24)))
+  return tiled.stitch(str(tmp_path), tiles, identity, settings, config, fmt, ((0, 0, 0), box))
 
 
 def test_stitching_joins_objects_across_borders_and_keeps_touching_ones_apart(tmp_path):
@@ -145,13 +144,9 @@ def test_margin_matches_tiles_that_disagree_only_next_to_their_edges(tmp_path):
   """Over the whole overlap the two tiles' segments share too little; in the middle of the
   overlap they agree."""
   truth, tiles = _sliver_tiles(tmp_path)
-  config = ml_collections.ConfigDict({"stitch": {"output": ""}})
-  identity = {"voxel_size_zyx": [1.0, 1.0, 1.0], "job": "test"}
   results = {}
   for margin in (0, 3):
-    config.stitch.output = f"m{margin}.zarr"
-    tiled.stitch(str(tmp_path), tiles, identity, {"min_overlap_voxels": 10, "min_fraction": 0.6,
-                 "margin": margin}, config, "zarr", ((0, 0, 0), truth.shape))
+    _stitch(tmp_path, tiles, output=f"m{margin}.zarr", box=truth.shape, margin=margin)
     seg = volumes.open_volume(str(tmp_path / f"m{margin}.zarr")).read()
     results[margin] = evaluation.evaluate_segmentation(seg, truth)
   assert results[0]["vi_split"] > 0.5

@@ -206,9 +206,9 @@ def stitch(workdir: str, tiles, identity: dict, settings: dict, config, fmt: str
   writer = volumes.SegmentationWriter(out_path, fmt, bbox[1], bbox[0],
                                       identity["voxel_size_zyx"], dtype, attrs)
   sizes = np.zeros(n + 1, np.int64)
-  for k, t in enumerate(tiles):
-    core = tables[k][read(k, t.core_start, t.core_size)].astype(dtype)
-    writer.write(tuple(a - b for a, b in zip(t.core_start, bbox[0])), core)
+  for core_start, core in tiling.cores(tiles, tables, read):
+    core = core.astype(dtype)
+    writer.write(tuple(a - b for a, b in zip(core_start, bbox[0])), core)
     sizes += np.bincount(core.ravel().astype(np.int64), minlength=n + 1)
   writer.finish()
   runner.write_json(_beside(out_path, "segments.json"),

@@ -49,6 +49,10 @@ class Tile:
   def to_json(self) -> dict:
     return {k: list(v) for k, v in dataclasses.asdict(self).items()}
 
+  @classmethod
+  def from_json(cls, d: dict) -> "Tile":
+    return cls(**{k: tuple(v) for k, v in d.items()})
+
 
 def _axis(start: int, size: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
   """(tile start, tile size, core start, core size) along one axis."""
@@ -158,6 +162,13 @@ def stitch_tables(tiles, read, box_start, box_size, min_overlap_voxels: int, min
   merges = find_merges(tiles, read, box_start, box_size, min_overlap_voxels, min_fraction, margin)
   tables, n = global_ids(max_ids, merges, present)
   return Stitch(tables, n, merges, int(sum(len(p) for p in present)))
+
+
+def cores(tiles, tables, read):
+  """(core start, the core's global IDs) per tile, in volume coordinates: the stitched volume,
+  piece by piece (``tables`` from ``stitch_tables``, ``read`` as in ``find_merges``)."""
+  for k, t in enumerate(tiles):
+    yield t.core_start, tables[k][read(k, t.core_start, t.core_size)]
 
 
 def match(seg_a: np.ndarray, seg_b: np.ndarray, min_overlap_voxels: int,
