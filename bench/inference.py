@@ -3,6 +3,7 @@
   python bench/inference.py --crop c64 --checkpoint /tmp/fib25_ckpt [--batch-sizes 1 4]
   python bench/inference.py --crop c100 --compute-dtypes float32 bfloat16   # precision
   python bench/inference.py --crop c100 --tile-size 60 --tile-overlap 20     # tiled + stitched
+  python bench/inference.py --crop c150 --tile-size 100 --tile-overlap 48 --tile-mode independent
 
 Runs ``ffn_jax.inference.runner.run`` (configs/fib25_infer.py) once per batch size, then prints a
 table of VI / adapted Rand error against the ground truth of the crop (all voxels; unlabelled
@@ -49,7 +50,7 @@ def _crop(volume_path: str, start: int, size: int) -> np.ndarray:
 
 def run_one(crop: str, checkpoint: str, batch_size: int, workdir: str, conv_impl: str,
             compute_dtype: str = "float32", tile: int = 0, overlap: int = 0,
-            stitch: tuple = (), stitch_output: str = "") -> dict:
+            stitch: tuple = (), stitch_output: str = "", tile_mode: str = "continue") -> dict:
   """One run on the crop; tiled with ``tile`` > 0. A rerun of a finished tiled run with other
   ``stitch`` thresholds and a new ``stitch_output`` restitches its tiles."""
   start, size = CROPS[crop]
@@ -65,6 +66,7 @@ def run_one(crop: str, checkpoint: str, batch_size: int, workdir: str, conv_impl
     from ffn_jax.inference import tiled
     c.tile_size_zyx = (tile,) * 3
     c.tile_overlap_zyx = (overlap,) * 3
+    c.tile_mode = tile_mode
     if stitch:
       c.stitch.min_overlap_voxels, c.stitch.min_fraction = stitch
     c.stitch.output = stitch_output
@@ -103,6 +105,7 @@ def main(argv=None) -> int:
                   choices=["float32", "bfloat16", "auto"])
   ap.add_argument("--tile-size", type=int, default=0, help="also run tiled (cubes of this size)")
   ap.add_argument("--tile-overlap", type=int, default=32)
+  ap.add_argument("--tile-mode", default="continue", choices=["continue", "independent"])
   ap.add_argument("--stitch", default="",
                   help="MIN_VOXELS,MIN_FRACTION pairs to restitch with, e.g. '100,0.6 1000,0.8'")
   ap.add_argument("--workdir", default="", help="default: a fresh temporary directory")
@@ -132,7 +135,7 @@ def main(argv=None) -> int:
     stitch = () if spec is None else (int(spec[0]), spec[1])
     r = run_one(args.crop, args.checkpoint, args.batch_sizes[0], os.path.join(base, "tiled"),
                 args.conv_impl, args.compute_dtypes[0], args.tile_size, args.tile_overlap,
-                stitch, "" if spec is None else f"{name}.zarr")
+                stitch, "" if spec is None else f"{name}.zarr", args.tile_mode)
     r["metrics"] = evaluation.evaluate_segmentation(r["seg"], truth)
     single = results[first_key]["seg"]
     r["vs_single"] = evaluation.evaluate_segmentation(r["seg"], single)
@@ -170,6 +173,7 @@ def main(argv=None) -> int:
                      "segments": r["counters"].get("segments"),
                      "wall_s": r["counters"].get("wall_s"),
                      "tile_size": args.tile_size, "tile_overlap": args.tile_overlap,
+                     "tile_mode": args.tile_mode,
                      "stitch": r["counters"].get("stitch")}
   for key, r in results.items():
     c, m = r["counters"], r["metrics"]

@@ -30,11 +30,11 @@ import _common  # noqa: E402
 
 from ffn_jax import evaluation  # noqa: E402
 from ffn_jax.data import volumes  # noqa: E402
-from ffn_jax.inference import runner, tiling  # noqa: E402
+from ffn_jax.inference import runner, tiled, tiling  # noqa: E402
 
 
 def load_tiles(workdir: str):
-  """(tiles, box start, box size, reader) of a tiled run's workdir."""
+  """(tiles, box start, box size, reader, prior links) of a tiled run's workdir."""
   with open(os.path.join(workdir, "tiling.json")) as f:
     plan = json.load(f)
   tiles = [tiling.Tile.from_json(t) for t in plan["tiles"]]
@@ -46,13 +46,13 @@ def load_tiles(workdir: str):
   def read(k: int, at, shape) -> np.ndarray:
     lo = [a - b for a, b in zip(at, tiles[k].start)]
     return arrays[k][tuple(slice(a, a + n) for a, n in zip(lo, shape))]
-  return tiles, start, size, read
+  return tiles, start, size, read, tiled.prior_links(workdir, tiles)
 
 
-def stitched(tiles, start, size, read, min_overlap_voxels, min_fraction, margin):
-  """The stitched volume of the box, in memory, and the number of merges."""
+def stitched(tiles, start, size, read, min_overlap_voxels, min_fraction, margin, links=()):
+  """The stitched volume of the box, in memory, and the number of merges by the rule."""
   result = tiling.stitch_tables(tiles, read, start, size, min_overlap_voxels, min_fraction,
-                                margin)
+                                margin, links)
   out = np.zeros(size, np.uint64)
   for core_start, core in tiling.cores(tiles, result.tables, read):
     out[tuple(slice(a - b, a - b + n) for a, b, n in zip(core_start, start, core.shape))] = core
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
   ap.add_argument("--rules", nargs="+", default=["100,0.6,0"],
                   help="MIN_VOXELS,MIN_FRACTION,MARGIN triples")
   args = ap.parse_args(argv)
-  tiles, start, size, read = load_tiles(args.tiled)
+  tiles, start, size, read, links = load_tiles(args.tiled)
   reference = read_box(args.reference, start, size)
   truth = read_box(args.truth, start, size) if args.truth else None
   rows = []
@@ -86,7 +86,8 @@ def main(argv=None) -> int:
   for rule in args.rules:
     voxels, fraction, margin = rule.split(",")
     t0 = time.perf_counter()
-    seg, merges = stitched(tiles, start, size, read, int(voxels), float(fraction), int(margin))
+    seg, merges = stitched(tiles, start, size, read, int(voxels), float(fraction), int(margin),
+                           links)
     vs = evaluation.evaluate_segmentation(seg, reference)
     row = {"rule": rule, "merges": merges, "segments": vs["segments_pred"],
            "vi_vs_reference": vs["vi"], "split_vs_reference": vs["vi_split"],

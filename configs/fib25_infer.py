@@ -74,6 +74,10 @@ def get_config() -> ml_collections.ConfigDict:
   # tiles, spread over the ranks of `mpirun -n R`, and stitches them into global IDs.
   c.tile_size_zyx = (0, 0, 0)        # 0 = one box, as one job
   c.tile_overlap_zyx = (32, 32, 32)  # at least this much overlap with each neighbour
+  # "continue": tiles in two checkerboard rounds; a second-round tile starts from its finished
+  # neighbours' segments and floods them on into itself (one ID per object across faces).
+  # "independent": all tiles at once, joined by the stitch rule alone (ffn_jax.inference.tiled).
+  c.tile_mode = "continue"
   c.stitch = ml_collections.ConfigDict()
   # Merge two tiles' segments when they share >= min_overlap_voxels voxels in the tiles' overlap
   # and that is >= min_fraction of each one's voxels there (> 0.5: one partner at most).

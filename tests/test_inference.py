@@ -329,3 +329,86 @@ def test_pad_batches_auto_follows_the_backend_and_bad_values_are_refused():
   cfg.pad_batches = "some"
   with pytest.raises(UserError, match="pad_batches must be"):
     runner.options_from_config(cfg)
+
+
+# ----------------------------------------------------------------------------------- priors
+def exact_predict(image_BZYX, seed_BZYX):
+  """Oracle FFN that floods exactly the object under the FOV's confident seed voxels."""
+  out = np.full_like(seed_BZYX, -4.0)
+  for b in range(image_BZYX.shape[0]):
+    img, s = image_BZYX[b], seed_BZYX[b]
+    sure = s > 2.0
+    if sure.any():
+      vals, counts = np.unique(img[sure], return_counts=True)
+      out[b] = np.where(img == vals[np.argmax(counts)], 4.0 - 0.05 * _RADIUS, -4.0)
+  return out
+
+
+def prior_canvas(labels, batch_size=1, predict=exact_predict, width=6):
+  """A canvas whose first ``width`` x slices hold the truth as prior labels (renumbered)."""
+  image = (labels * 10).astype(np.float32)
+  prior = np.zeros(labels.shape, np.int32)
+  ids = np.unique(labels[:, :, :width])
+  prior[:, :, :width] = np.searchsorted(ids, labels[:, :, :width]) + 1
+  c = canvas_lib.Canvas(image, predict, batch_size, FOV, DELTAS,
+                        options_lib.InferenceOptions(min_segment_size=50), prior=prior)
+  c.set_seeds(seed.policy_grid(image.shape, step=6, offsets=(4, 7)))
+  return c, ids
+
+
+def test_prior_objects_are_continued_under_their_own_label():
+  labels = voronoi_labels(n=9, rng_seed=3)
+  c, ids = prior_canvas(labels)
+  c.segment_all()
+  seg = c.segmentation
+  assert c.counters["continued"] == len(ids) and c.counters["voxels_continued"] > 0
+  for k, obj in enumerate(ids, start=1):  # each prior object grew over (nearly) all of itself
+    assert np.all(labels[seg == k] == obj) and set(np.unique(seg[labels == obj])) <= {0, k}
+    assert np.mean(seg[labels == obj] == k) > 0.9, obj
+  # The objects that never touch the prior slab are new segments, numbered above the priors.
+  others = sorted(set(np.unique(labels)) - set(ids))
+  assert c.counters["segments"] == len(others) and min(c.origins) == 1
+  for obj in others:
+    got = set(np.unique(seg[labels == obj])) - {0}
+    assert len(got) == 1 and got.pop() > len(ids)
+  # Prior voxels are never relabelled, even where an object's flood reaches them.
+  assert np.array_equal(seg[:, :, :6], c.prior[:, :, :6])
+
+
+def test_continuation_starts_cover_each_object_once_per_lattice_cell():
+  prior = np.zeros((20, 20, 20), np.int32)
+  prior[:, :, :8] = 2
+  prior[5:15, 5:15, :8] = 1
+  starts = canvas_lib.continuation_starts(prior, (4, 4, 4), (3, 3, 3))
+  assert [label for label, _ in starts] == [1, 2]
+  for label, zyx in starts:
+    assert np.all(prior[tuple(zyx.T)] == label)
+    assert np.all((zyx >= 4) & (zyx < 16))  # a FOV fits
+    cells = {tuple(v) for v in zyx // 3}
+    assert len(cells) == len(zyx)  # one start per cell
+  mask = np.zeros(prior.shape, bool)
+  mask[:, :, :8] = True
+  assert canvas_lib.continuation_starts(prior, (4, 4, 4), (3, 3, 3), mask) == []
+
+
+@pytest.mark.parametrize("batch_size,kill_after", [(1, 7), (3, 20)])
+def test_continuations_batched_and_resumed_equal_sequential(batch_size, kill_after):
+  labels = voronoi_labels(n=9, rng_seed=3)
+  ref, _ = prior_canvas(labels, predict=stub_predict())  # the stub's weak overlaps interact
+  ref.segment_all()
+  bat, _ = prior_canvas(labels, batch_size, predict=stub_predict())
+  bat.segment_all()
+  assert np.array_equal(ref.segmentation, bat.segmentation) and ref.origins == bat.origins
+
+  calls, states = [], []
+  first, _ = prior_canvas(labels, batch_size, predict=stub_predict(calls, fail_after=kill_after))
+  with pytest.raises(KeyboardInterrupt):
+    first.segment_all(lambda c: states.append(c.state_dict()))
+  state = {k: np.array(v) for k, v in states[-1].items()}
+  assert int(state["cont_idx"]) < len(first.continuations)  # killed among the continuations
+  second = canvas_lib.Canvas((labels * 10).astype(np.float32), stub_predict(), batch_size, FOV,
+                             DELTAS, options_lib.InferenceOptions(min_segment_size=50))
+  second.set_seeds(np.zeros((0, 3), np.int64))
+  second.load_state(state)
+  second.segment_all()
+  assert np.array_equal(second.segmentation, ref.segmentation) and second.origins == ref.origins

@@ -211,6 +211,97 @@ def test_precomputed_output_opens_at_its_offset(tmp_path):
   assert vol.shape == (24, 24, 24) and vol.offset_zyx() == (5, 6, 7)
 
 
+# --------------------------------------------------------------------------- continuation
+def test_rounds_put_face_neighbours_apart_and_priors_come_from_their_cores():
+  tiles = tiling.plan((0, 0, 0), (30, 30, 30), (14, 14, 14), (4, 4, 4))
+  first, second = tiling.rounds(tiles)
+  assert sorted(first + second) == list(range(len(tiles)))
+  for i in first:
+    for j in first + second:
+      face = sum(abs(a - b) for a, b in zip(tiles[i].index, tiles[j].index)) == 1
+      assert not (face and j in first)
+  labels = {i: np.full(tiles[i].size, 7 + i, np.uint32) for i in first}
+  read = lambda i, start, size: labels[i][tuple(  # noqa: E731
+      slice(a - b, a - b + n) for a, b, n in zip(start, tiles[i].start, size))]
+  def core_in_box(i, k):
+    region = tiling.intersection(tiles[i].core(), tiles[k])
+    return 0 if region is None else int(np.prod(region[1]))
+
+  k = second[0]  # tile (0, 0, 1)
+  prior, links = tiling.priors(tiles, k, first, read)
+  # Its face neighbours give priors, and so do first-round tiles whose cores reach its box at an
+  # edge or a corner.
+  assert {(0, 0, 0), (0, 0, 2), (0, 1, 1), (1, 0, 1)} <= {tiles[i].index for i, _ in links}
+  assert sorted(i for i, _ in links) == [i for i in first if core_in_box(i, k)]
+  for label, (i, a) in enumerate(links, start=1):
+    assert a == 7 + i
+    where = np.argwhere(prior == label) + tiles[k].start  # volume coordinates
+    core_lo, core_hi = np.array(tiles[i].core_start), np.add(tiles[i].core_start,
+                                                             tiles[i].core_size)
+    assert len(where) and np.all((where >= core_lo) & (where < core_hi))
+  # Outside the first-round cores the tile starts empty.
+  assert (prior == 0).sum() == sum(core_in_box(j, k) for j in second)
+
+
+def _tiles_with_oracle(labels, tiles, mode, min_overlap_voxels):
+  """Segments each tile with the exact oracle FFN (as tiled.run does, in memory) and stitches."""
+  from test_inference import DELTAS, FOV, exact_predict
+
+  from ffn_jax.inference import canvas as canvas_lib
+  from ffn_jax.inference import options as options_lib
+  from ffn_jax.inference import seed
+  segs, links = {}, []
+
+  def read(k, start, size):
+    return segs[k][tuple(slice(a - b, a - b + n) for a, b, n in zip(start, tiles[k].start, size))]
+
+  rounds = tiling.rounds(tiles) if mode == "continue" else [list(range(len(tiles)))]
+  for r, members in enumerate(rounds):
+    for k in members:
+      box = tuple(slice(a, a + n) for a, n in zip(tiles[k].start, tiles[k].size))
+      prior = None
+      if r > 0:
+        prior, back = tiling.priors(tiles, k, rounds[0], read)
+        links += [(k, b, i, a) for b, (i, a) in enumerate(back, start=1)]
+      c = canvas_lib.Canvas((labels[box] * 10).astype(np.float32), exact_predict, 1, FOV, DELTAS,
+                            options_lib.InferenceOptions(min_segment_size=50), prior=prior)
+      c.set_seeds(seed.policy_grid(labels[box].shape, step=6, offsets=(4, 7)))
+      c.segment_all()
+      segs[k] = c.segmentation
+  result = tiling.stitch_tables(tiles, read, (0, 0, 0), labels.shape, min_overlap_voxels, 0.6,
+                                0, links)
+  out = np.zeros(labels.shape, np.int64)
+  for core_start, core in tiling.cores(tiles, result.tables, read):
+    out[tuple(slice(a, a + n) for a, n in zip(core_start, core.shape))] = core
+  return out, links
+
+
+def test_continued_tiles_keep_objects_whole_across_a_face_without_the_rule():
+  """Two tiles along x and an oracle FFN: continuation alone (the rule switched off) carries
+  every object across the face with one ID, as close to the truth as one pass over the whole
+  box; independent tiles without the rule cut every crossing object in two."""
+  from test_inference import DELTAS, FOV, exact_predict, voronoi_labels
+
+  from ffn_jax.inference import canvas as canvas_lib
+  from ffn_jax.inference import options as options_lib
+  from ffn_jax.inference import seed
+  labels = voronoi_labels(n=9, rng_seed=3)
+  tiles = tiling.plan((0, 0, 0), labels.shape, (34, 34, 22), (10, 10, 10))
+  single = canvas_lib.Canvas((labels * 10).astype(np.float32), exact_predict, 1, FOV, DELTAS,
+                             options_lib.InferenceOptions(min_segment_size=50))
+  single.set_seeds(seed.policy_grid(labels.shape, step=6, offsets=(4, 7)))
+  single.segment_all()
+  split = lambda seg: evaluation.evaluate_segmentation(seg, labels)["vi_split"]  # noqa: E731
+  continued, links = _tiles_with_oracle(labels, tiles, "continue", 10**9)
+  independent, _ = _tiles_with_oracle(labels, tiles, "independent", 10**9)
+  assert len(links) >= 4
+  assert split(continued) <= split(single.segmentation) + 0.05
+  assert split(independent) > split(single.segmentation) + 0.3
+  # With the rule on as well, it finds nothing the continuation had not already joined.
+  ruled, _ = _tiles_with_oracle(labels, tiles, "continue", 10)
+  assert evaluation.evaluate_segmentation(ruled, continued)["vi"] == pytest.approx(0, abs=1e-9)
+
+
 # --------------------------------------------------------------------------- infer.py, tiled
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
@@ -252,6 +343,18 @@ def test_tiled_run_one_and_two_ranks_and_resume(assets, tmp_path):
   # Every tile is the single-box job of its box.
   tiling_json = json.loads((tmp_path / "one" / "tiling.json").read_text())
   assert len(tiling_json["tiles"]) == n_tiles
+  # Continuation (the default): the second-round tiles say which neighbour objects they carried on.
+  first, second = tiling.rounds([tiling.Tile.from_json(t) for t in tiling_json["tiles"]])
+  names = [tiling.Tile.from_json(t).name for t in tiling_json["tiles"]]
+  assert not any((tmp_path / "one" / "tiles" / names[k] / "prior.json").exists() for k in first)
+  links = [json.loads((tmp_path / "one" / "tiles" / names[k] / "prior.json").read_text())["links"]
+           for k in second]
+  assert summary["continued"] == sum(map(len, links)) > 0
+  assert {name for tile_links in links for name, _ in tile_links} <= {names[k] for k in first}
+  independent = _infer(assets, tmp_path / "independent", *TILES, "--config.tile_mode=independent")
+  assert independent.returncode == 0, independent.stderr
+  assert json.loads((tmp_path / "independent" / "stitch.json").read_text())["continued"] == 0
+  assert not list((tmp_path / "independent" / "tiles").glob("*/prior.json"))
 
   two = _infer(assets, tmp_path / "two", *TILES, ranks=2)
   assert two.returncode == 0, two.stderr
@@ -280,6 +383,7 @@ def test_tiled_run_one_and_two_ranks_and_resume(assets, tmp_path):
     (TILES + ("--config.stitch.min_fraction=0.4",), "min_fraction"),
     (TILES + ("--config.stitch.margin=3",), "stitch.margin"),
     (TILES + ("--config.output_format=n5",), "output_format"),
+    (TILES + ("--config.tile_mode=sequential",), "tile_mode"),
 ])
 def test_bad_tiling_settings_are_one_line_exit_2(assets, tmp_path, extra, text):
   proc = _infer(assets, tmp_path / "bad", *extra)

@@ -13,6 +13,14 @@ Semantics follow Google's ``Canvas.segment_all`` / ``segment_at`` / ``update_at`
   if at least ``min_segment_size`` of them remain; overlaps with earlier segments are recorded;
 - seeds inside or within ``min_boundary_dist`` of an existing segment are skipped.
 
+Prior labels (``prior``, e.g. the segments of a neighbouring tile in its part of this canvas)
+start the segmentation. Before any seed, each prior object is *continued*: a segment whose
+object map starts at ``init_activation`` on that object's voxels, whose FOV starts at every
+lattice cell (``deltas``) of the object where a FOV fits, and which commits what it floods under
+the prior label. It floods as any segment does, except that it may pass through its own prior
+voxels and is never rejected for a weak start. So an object that enters from a neighbour grows
+on as it would have in one pass over both, keeping its label.
+
 Batching by speculation. With ``batch_size`` K > 1 several segments (the next seeds in seed
 order) are flooded at once, one FOV of each per device call. A segment only reads shared state
 (the segmentation) at its seed box and at positions it pops, and it is committed strictly in
@@ -48,11 +56,13 @@ class Canvas:
     mask: optional bool [z, y, x]; True = never segment or seed there.
     max_pending: look-ahead: segments in flight incl. paused / not yet started ones; default 1
       for K = 1, else 4K. Each started one holds a canvas-sized float32 map.
+    prior: optional int [z, y, x] labels 1..P (0 = none) the segmentation starts with; each is
+      continued before the seeds (module docstring), and new segments get IDs above P.
   """
 
   def __init__(self, image: np.ndarray, predict: Callable, batch_size: int, fov_size_zyx,
                deltas_zyx, options: InferenceOptions, mask: np.ndarray | None = None,
-               max_pending: int | None = None):
+               max_pending: int | None = None, prior: np.ndarray | None = None):
     self.image = image
     self.shape = tuple(image.shape)
     self.predict = predict
@@ -69,6 +79,11 @@ class Canvas:
     self.maps = MapPool(self.shape, self.max_pending)
     self.segmentation = np.zeros(self.shape, np.int32)
     self.max_id = 0
+    self.prior = None
+    self.continuations: list = []  # (prior label, [N, 3] FOV starts), in label order
+    self.cont_idx = 0  # next continuation to start
+    if prior is not None:
+      self.set_prior(prior)
     self.origins: dict = {}   # id -> (seed zyx, FOV iterations, voxels)
     self.overlaps: dict = {}  # id -> (earlier ids overlapped, overlapping voxel counts)
     self.counters: dict = {}
@@ -78,6 +93,17 @@ class Canvas:
   # ----------------------------------------------------------------------------- driving
   def set_seeds(self, coords: np.ndarray, idx: int = 0) -> None:
     self.seeds = SeedList(coords, self.shape, self.margin, idx)
+
+  def set_prior(self, prior: np.ndarray) -> None:
+    """Starts the segmentation from ``prior`` labels and plans their continuations."""
+    prior = np.asarray(prior)
+    if prior.shape != self.shape:
+      raise ValueError(f"prior labels of shape {prior.shape} != canvas {self.shape}")
+    self.prior = prior.astype(np.int32)
+    self.segmentation = self.prior.copy()
+    self.max_id = int(self.prior.max(initial=0))
+    self.continuations = continuation_starts(self.prior, self.margin, self.deltas, self.mask)
+    self.cont_idx = 0
 
   def segment_all(self, on_step: Callable | None = None) -> None:
     """Runs until every seed is resolved; ``on_step(canvas)`` is called after each batch."""
@@ -94,9 +120,10 @@ class Canvas:
       on_step(self)
 
   def progress(self) -> tuple[int, int]:
-    """(seeds resolved in order, total seeds)."""
-    done = self.jobs[0].cand_idx if self.jobs else self.seeds.idx
-    return done, len(self.seeds)
+    """(candidates resolved in order, total candidates): continuations, then seeds."""
+    n = len(self.continuations)
+    done = self.jobs[0].cand_idx + n if self.jobs else self.cont_idx + self.seeds.idx
+    return done, n + len(self.seeds)
 
   def count(self, name: str, n=1) -> None:
     """Adds ``n`` to counter ``name`` (saved with the state, written to counters.json)."""
@@ -108,7 +135,13 @@ class Canvas:
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, np.asarray(center) + radius + 1))
 
   def _fill(self) -> None:
-    """Starts segments for the next seeds until ``max_pending`` are in flight."""
+    """Starts segments for the next continuations, then seeds, until ``max_pending`` are in
+    flight. Continuations have negative candidate indices, so all come before seed 0."""
+    n = len(self.continuations)
+    while len(self.jobs) < self.max_pending and self.cont_idx < n:
+      label, starts = self.continuations[self.cont_idx]
+      self.jobs.append(Segment(self.cont_idx - n, starts, self, label=label))
+      self.cont_idx += 1
     while len(self.jobs) < self.max_pending:
       nxt = self.seeds.next()
       if nxt is None:
@@ -139,7 +172,7 @@ class Canvas:
       self.count("skip_invalid_pos")
       return False
     job.consulted.append(pos)
-    if self.segmentation[pos] > 0:
+    if self.segmentation[pos] > 0 and self.segmentation[pos] != job.label:
       self.count("skip_invalid_pos")
       return False
     return True
@@ -151,7 +184,7 @@ class Canvas:
       if pos is None:
         job.done = True
         return None
-      if job.seed[job.start] < self.th.move:
+      if not job.label and job.seed[job.start] < self.th.move:
         self.count("seed_got_too_weak")
         job.done = True
         return None
@@ -237,7 +270,7 @@ class Canvas:
     if job.iters <= 0:
       self.count("failed_no_fov")
       return
-    if job.seed[job.start] < self.th.move:
+    if not job.label and job.seed[job.start] < self.th.move:
       self.count("failed_weak_seed")
       return
     half = self.fov // 2
@@ -251,6 +284,15 @@ class Canvas:
     keep = ids > 0
     mask &= seg <= 0
     size = int(mask.sum())
+    if job.label:  # a continuation: its prior object is kept whatever it adds
+      seg[mask] = job.label
+      self.origins[job.label] = (job.start, job.iters, size)
+      keep &= ids != job.label
+      self.overlaps[job.label] = (ids[keep].astype(np.int64), counts[keep].astype(np.int64))
+      self.count("continued")
+      self.count("voxels_continued", size)
+      self._revalidate(lo, mask)
+      return
     if size < self.th.min_size:
       self.count("failed_too_small")
       return
@@ -278,6 +320,13 @@ class Canvas:
 
     kept = []
     for job in self.jobs:
+      if job.label:  # a continuation starts inside its own object: never dropped
+        if hit(job.consulted):
+          self.count("fov_wasted", job.iters)
+          self.count("speculative_restarts")
+          job.reset()
+        kept.append(job)
+        continue
       box = self._box(job.start, self.th.mbd)
       b_lo = np.array([s.start for s in box]) - lo
       b_hi = np.array([s.stop for s in box]) - lo
@@ -303,3 +352,38 @@ class Canvas:
   def load_state(self, st: dict) -> None:
     """Restores ``state_dict()`` output (seed list included)."""
     canvas_state.load_state(self, st)
+
+
+def continuation_starts(prior: np.ndarray, margin, deltas, mask: np.ndarray | None = None):
+  """Where the continuation of each prior object starts: per label (ascending), one voxel of
+  the object in every lattice cell (``deltas``, from the canvas origin) that holds voxels where
+  a FOV fits (``margin`` from every edge, outside ``mask``), the one nearest their centroid;
+  cells in z, y, x order. Labels with no such voxel are left out.
+
+  Returns:
+    list of (label, int64 [N, 3] zyx starts).
+  """
+  margin = np.asarray(margin, np.int64)
+  inner = tuple(slice(int(m), int(s - m)) for m, s in zip(margin, prior.shape))
+  labels = prior[inner]
+  valid = labels > 0
+  if mask is not None:
+    valid &= ~np.asarray(mask[inner], bool)
+  coords = np.argwhere(valid).astype(np.int64) + margin
+  if not len(coords):
+    return []
+  lab = prior[tuple(coords.T)].astype(np.int64)
+  cells = coords // np.maximum(np.asarray(deltas, np.int64), 1)
+  keys = np.concatenate([lab[:, None], cells], axis=1)
+  groups, inv = np.unique(keys, axis=0, return_inverse=True)
+  inv = inv.ravel()
+  counts = np.bincount(inv)
+  centroid = np.stack([np.bincount(inv, coords[:, d]) for d in range(3)], axis=1) / counts[:, None]
+  dist = ((coords - centroid[inv]) ** 2).sum(axis=1)
+  order = np.lexsort((dist, inv))  # by group, nearest first
+  first = order[np.r_[True, inv[order][1:] != inv[order][:-1]]]
+  starts = coords[first]  # one per group, in group (label, cell) order
+  out = []
+  for label in np.unique(groups[:, 0]):
+    out.append((int(label), starts[groups[:, 0] == label]))
+  return out

@@ -15,7 +15,9 @@ def state_dict(canvas) -> dict:
   """Everything needed to resume, as plain arrays (for np.savez, allow_pickle=False).
 
   The head segment (the oldest in flight) is saved with its object map and queue; later,
-  speculative ones are not: the seed list resumes right after the head and redoes them.
+  speculative ones are not: the candidates (continuations of prior labels, then seeds) resume
+  right after the head and redo them. Prior labels are saved with the state; their
+  continuations are derived from them again.
   """
   ids = sorted(canvas.origins)
   ov_sid, ov_id, ov_cnt = [], [], []
@@ -38,13 +40,21 @@ def state_dict(canvas) -> dict:
       "overlap_count": np.array(ov_cnt, np.int64),
       "counters_json": np.array(json.dumps(canvas.counters)),
   }
+  n = len(canvas.continuations)
   head = canvas.jobs[0] if canvas.jobs else None
-  if head is not None and head.iters > 0:
-    st["seed_idx"] = np.int64(head.cand_idx + 1)
-    st.update({f"head_{k}": v for k, v in head.get_state().items()})
-  else:
-    st["seed_idx"] = np.int64(head.cand_idx if head is not None else canvas.seeds.idx)
+  if head is None:
+    cont_idx, seed_idx = canvas.cont_idx, canvas.seeds.idx
+  else:  # candidates: continuations 0..n-1, then seeds (cand_idx + n)
+    nxt = head.cand_idx + n + (1 if head.iters > 0 else 0)
+    cont_idx, seed_idx = min(nxt, n), max(nxt - n, 0)
+    if head.iters > 0:
+      st.update({f"head_{k}": v for k, v in head.get_state().items()})
+  st["seed_idx"] = np.int64(seed_idx)
+  st["cont_idx"] = np.int64(cont_idx)
+  if canvas.prior is not None:
+    st["prior"] = canvas.prior
   return st
+
 
 def load_state(canvas, st: dict) -> None:
   """Restores ``state_dict(canvas)`` output into ``canvas`` (seed list included)."""
@@ -52,6 +62,9 @@ def load_state(canvas, st: dict) -> None:
     raise ValueError(f"inference state version {int(st['version'])} != {STATE_VERSION}")
   if tuple(st["segmentation"].shape) != canvas.shape:
     raise ValueError(f"saved segmentation shape {st['segmentation'].shape} != {canvas.shape}")
+  if "prior" in st:
+    canvas.set_prior(st["prior"])
+    canvas.cont_idx = int(st["cont_idx"])
   canvas.segmentation = np.array(st["segmentation"], np.int32)
   canvas.max_id = int(st["max_id"])
   canvas.origins = {int(i): (tuple(int(v) for v in z), int(n), int(s)) for i, z, n, s in zip(
@@ -68,6 +81,6 @@ def load_state(canvas, st: dict) -> None:
   canvas.jobs = []
   if "head_seed" in st:
     head = {k[len("head_"):]: v for k, v in st.items() if k.startswith("head_")}
-    job = Segment(int(head["cand_idx"]), head["start"], canvas)
+    job = Segment(int(head["cand_idx"]), head["start"], canvas, int(head.get("label", 0)))
     job.set_state(head)
     canvas.jobs.append(job)

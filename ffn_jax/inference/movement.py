@@ -57,10 +57,13 @@ class FaceMaxPolicy:
     self.start = np.zeros(3, np.int64)
 
   def reset(self, start_zyx) -> None:
-    """Starts a new segment at ``start_zyx``: the start is the only queued position."""
-    self.queue = collections.deque([(2.0 * self.score_threshold, tuple(int(v) for v in start_zyx))])
+    """Starts a new segment at ``start_zyx`` (one position, or [N, 3] positions queued in that
+    order; the lattice is centred on the first)."""
+    starts = np.asarray(start_zyx, np.int64).reshape(-1, 3)
+    self.queue = collections.deque((2.0 * self.score_threshold, tuple(int(v) for v in p))
+                                   for p in starts)
     self.visited = set()
-    self.start = np.asarray(start_zyx, np.int64)
+    self.start = starts[0]
 
   def quantize(self, pos_zyx) -> tuple:
     """Lattice cell of ``pos``; the start lies in the middle of cell (0, 0, 0)."""

@@ -86,14 +86,16 @@ def options_from_config(config) -> options_lib.InferenceOptions:
 
 
 def make_canvas(config, image: np.ndarray, predictor, model: dict,
-                mask: np.ndarray | None = None) -> canvas_lib.Canvas:
+                mask: np.ndarray | None = None,
+                prior: np.ndarray | None = None) -> canvas_lib.Canvas:
   """A Canvas over ``image`` (normalized float32 zyx) with the flood settings of ``config``
   (``inference.*``, ``batch_size``, ``max_pending``: ``configs/fib25_infer.add_flood_settings``)
-  and the FOV geometry of ``model`` (checkpoint meta ``model``)."""
+  and the FOV geometry of ``model`` (checkpoint meta ``model``); ``prior``: labels to start
+  from and continue (``Canvas``)."""
   return canvas_lib.Canvas(
       image, predictor, max(1, int(config.batch_size)), model["fov_size_zyx"],
       model["deltas_zyx"], options_from_config(config), mask=mask,
-      max_pending=int(config.max_pending) or None)
+      max_pending=int(config.max_pending) or None, prior=prior)
 
 
 def seed_coords(config, image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -124,10 +126,10 @@ class BorderPadding:
     half = np.asarray(model["fov_size_zyx"], np.int64) // 2
     self.width = half if mode == "reflect" else np.zeros(3, np.int64)
 
-  def pad(self, block: np.ndarray | None) -> np.ndarray | None:
+  def pad(self, block: np.ndarray | None, mode: str = "reflect") -> np.ndarray | None:
     if block is None or not self.width.any():
       return block
-    return np.pad(block, [(int(w), int(w)) for w in self.width], mode="reflect")
+    return np.pad(block, [(int(w), int(w)) for w in self.width], mode=mode)
 
   def crop(self, canvas_array: np.ndarray) -> np.ndarray:
     return canvas_array[tuple(slice(int(w), s - int(w))
@@ -291,11 +293,15 @@ def _load_state(path: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------- run
-def run(config, workdir: str, predict_fn=None) -> dict:
+def run(config, workdir: str, predict_fn=None, prior: np.ndarray | None = None) -> dict:
   """Segments the configured block; returns the counters (also written to counters.json).
 
   Args:
-    predict_fn: tests only: a replacement for the jitted FFN (same call signature).
+    predict_fn: a replacement for the jitted FFN (same call signature): tests, and tiles that
+      share one predictor.
+    prior: labels 1..P of the block's shape to start from and continue before seeding (tiles:
+      their neighbours' segments); new segments get IDs above P. A resumed run takes the prior
+      saved with its state.
   """
   t_start = time.perf_counter()
   workdir = os.path.abspath(workdir)
@@ -326,7 +332,10 @@ def run(config, workdir: str, predict_fn=None) -> dict:
   batch_size = max(1, int(config.batch_size))
   _log(f"compute: {compute_dtype} convolutions, route {route} ({why})")
   predictor = predict_fn or make_predictor(config, params, model, route)
-  canvas = make_canvas(config, image, predictor, model, mask)
+  if prior is not None and tuple(prior.shape) != tuple(bbox[1]):
+    raise ValueError(f"prior labels of shape {prior.shape} != the block's {tuple(bbox[1])}")
+  canvas = make_canvas(config, image, predictor, model, mask,
+                       border.pad(prior, "constant") if mode == "fresh" else None)
 
   state_path = os.path.join(workdir, STATE)
   prior_wall = 0.0
@@ -403,9 +412,11 @@ def run(config, workdir: str, predict_fn=None) -> dict:
   out_dtype = np.uint32 if canvas.max_id < 2**32 else np.uint64
   volumes.write_zarr(os.path.join(workdir, SEGMENTATION), seg.astype(out_dtype),
                      attrs=segmentation_attrs(identity))
+  n_prior = 0 if canvas.prior is None else int(canvas.prior.max())
   segments = {str(sid): {"seed_zyx": [int(a + b - w) for a, b, w in
                                       zip(o[0], bbox[0], border.width)],
                          "fov_iters": o[1], "voxels": o[2],
+                         **({"continued": True} if sid <= n_prior else {}),
                          "overlaps": {str(int(i)): int(n) for i, n in zip(*canvas.overlaps[sid])}}
               for sid, o in sorted(canvas.origins.items())}
   write_json(os.path.join(workdir, "segments.json"), segments)

@@ -14,6 +14,11 @@ if TYPE_CHECKING:
 class Segment:
   """One segment being flooded: its object map, move queue and extent.
 
+  A *continuation* (``label`` > 0) carries on an object that the canvas was given as a prior
+  label (a neighbouring tile's segment): its map starts with ``init_activation`` on that
+  object's voxels near ``starts`` instead of one seed voxel, its queue holds every start, and
+  its voxels are committed under ``label`` instead of a new ID.
+
   The canvas-sized object map is taken when the segment first runs (``activate``), so
   waiting segments in the look-ahead window cost no memory, and given back by ``release``.
   Maps are recycled through the canvas's ``MapPool``: a map is all NaN when taken, and
@@ -21,24 +26,40 @@ class Segment:
   on a 180-280³ canvas, per segment and per speculative restart).
   """
 
-  def __init__(self, cand_idx: int, start, canvas: "canvas_lib.Canvas"):
+  def __init__(self, cand_idx: int, start, canvas: "canvas_lib.Canvas", label: int = 0):
     self.cand_idx = int(cand_idx)
-    self.start = tuple(int(v) for v in start)
+    self.starts = np.asarray(start, np.int64).reshape(-1, 3)
+    self.start = tuple(int(v) for v in self.starts[0])
+    self.label = int(label)
     self.policy = FaceMaxPolicy(canvas.deltas, canvas.th.move_f64)
     self.seed = None
     self._pool = canvas.maps
     self._margin = canvas.margin
     self._init = canvas.th.init
+    self._prior = canvas.prior
     self.reset()
+
+  def _write_start(self) -> None:
+    if not self.label:
+      self.seed[self.start] = self._init
+      return
+    # The prior object's voxels within the FOVs at the starts (what _clear clears).
+    box = self._start_box()
+    self.seed[box][self._prior[box] == self.label] = self._init
+
+  def _start_box(self):
+    lo = np.maximum(self.starts.min(axis=0) - self._margin, 0)
+    hi = self.starts.max(axis=0) + self._margin + 1
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
   def activate(self) -> None:
     if self.seed is None:
       self.seed = self._pool.take()
-      self.seed[self.start] = self._init
+      self._write_start()
 
   def _clear(self) -> None:
     """Back to all NaN: every write was an FOV box around a position in [min_pos, max_pos]
-    (``Canvas._apply``) or the start voxel, which that range holds."""
+    (``Canvas._apply``) or the start voxels' FOV boxes, which that range holds."""
     lo = np.maximum(self.min_pos - self._margin, 0)
     hi = self.max_pos + self._margin + 1
     self.seed[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))] = np.nan
@@ -53,17 +74,17 @@ class Segment:
   def reset(self) -> None:
     if self.seed is not None:
       self._clear()
-      self.seed[self.start] = self._init
-    self.policy.reset(self.start)
+      self._write_start()
+    self.policy.reset(self.starts)
     self.iters = 0
-    self.min_pos = np.array(self.start)
-    self.max_pos = np.array(self.start)
+    self.min_pos = self.starts.min(axis=0)
+    self.max_pos = self.starts.max(axis=0)
     self.done = False
     self.consulted: list = []  # positions whose segmentation value decided a pop
 
   def get_state(self) -> dict:
     st = {f"policy_{k}": v for k, v in self.policy.get_state().items()}
-    st.update(cand_idx=np.int64(self.cand_idx), start=np.array(self.start, np.int64),
+    st.update(cand_idx=np.int64(self.cand_idx), start=self.starts, label=np.int64(self.label),
               seed=self.seed, iters=np.int64(self.iters), min_pos=self.min_pos,
               max_pos=self.max_pos, done=np.bool_(self.done))
     return st

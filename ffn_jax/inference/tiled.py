@@ -8,11 +8,22 @@ Canvas, settings and results as a box run, its own resume state, finished when i
 tile: tiles differ greatly in cost. When all tiles are done rank 0 stitches them (rule:
 ``tiling``'s docstring) and writes the volume core by core.
 
+``tile_mode``:
+
+- ``continue`` (default): two rounds, the tiles of even index sum first, then the others (a
+  checkerboard: every face neighbour of a second-round tile is a first-round one). A second-round
+  tile starts from its first-round neighbours' segments in their cores (``prior.json`` says
+  which) and floods each of them on into itself before it seeds (``Canvas``), so an object
+  that crosses a face keeps one ID as if one pass had segmented both tiles; the stitching rule
+  joins the rest (tiles that meet only at an edge or a corner, and what continuation missed).
+- ``independent``: every tile on its own, all at once, joined by the stitching rule alone.
+
 ``WORKDIR`` holds:
 
 - ``tiling.json``: the job and the tile plan (a rerun of another job is refused);
 - ``tiles/<z_y_x>/``: each tile's run (``segmentation.zarr``, ``counters.json``, ...), kept, so
-  that ``stitch.*`` can be changed and stitching redone without segmenting again;
+  that ``stitch.*`` can be changed and stitching redone without segmenting again; a tile that
+  continued its neighbours' segments also has ``prior.json`` (its local ID k -> [tile, ID]);
 - ``claims/<launch>/``: which rank took which tile in each launch;
 - the stitched volume (``stitch.output``, default ``segmentation.zarr``, or a neuroglancer
   precomputed folder with ``output_format=precomputed``), recording its offset, voxel size and
@@ -35,6 +46,8 @@ from ffn_jax.errors import UserError
 from ffn_jax.inference import runner, tiling
 
 TILING = "tiling.json"
+PRIOR = "prior.json"
+TILE_MODES = ("continue", "independent")
 
 
 def _log(msg: str) -> None:
@@ -99,6 +112,9 @@ def run(config, workdir: str) -> dict:
   workdir = os.path.abspath(workdir)
   runner.options_from_config(config)
   stitch_settings = _stitch_settings(config)
+  mode = str(config.get("tile_mode", "independent"))
+  if mode not in TILE_MODES:
+    raise UserError(f"tile_mode must be one of {TILE_MODES}, got {mode!r}")
   fmt = str(config.output_format)
   if fmt not in volumes.OUTPUT_FORMATS:
     raise UserError(f"output_format must be one of {volumes.OUTPUT_FORMATS}, got {fmt!r}")
@@ -110,6 +126,7 @@ def run(config, workdir: str) -> dict:
   identity = runner.job_identity(config, image_desc, bbox, model, mean, sd, compute_dtype)
   identity["tile_size_zyx"] = [int(v) for v in config.tile_size_zyx]
   identity["tile_overlap_zyx"] = [int(v) for v in config.tile_overlap_zyx]
+  identity["tile_mode"] = mode
 
   dist = parallel.init()
   if dist.is_primary:
@@ -128,18 +145,30 @@ def run(config, workdir: str) -> dict:
   if dist.size > 1 and device.platform != "cpu":
     _log(f"rank {dist.rank}: {device}")
   done_here = 0
+  rounds = tiling.rounds(tiles) if mode == "continue" else [list(range(len(tiles)))]
   with jax.default_device(device):
     predictor = runner.make_predictor(config, jax.device_put(params, device), model, route)
-    for tile in tiles:
-      if _tile_done(workdir, tile) or not _claim(claims, tile, dist.rank):
-        continue
-      _log(f"rank {dist.rank}: tile {tile.name} start {tile.start} size {tile.size}")
-      counters = runner.run(_tile_config(config, tile),
-                            os.path.join(workdir, "tiles", tile.name), predict_fn=predictor)
-      if not counters.get("complete"):
-        break  # debug.stop_after_fov_calls: stopped as if killed
-      done_here += 1
-  dist.bcast(None)  # waits (polling, not spinning a core) for every rank's last tile
+    for r, members in enumerate(rounds):
+      if r > 0 and not all(_tile_done(workdir, tiles[k]) for k in rounds[r - 1]):
+        break  # a tile of the last round stopped: this round's priors are not all there
+      for k in members:
+        tile = tiles[k]
+        if _tile_done(workdir, tile) or not _claim(claims, tile, dist.rank):
+          continue
+        _log(f"rank {dist.rank}: tile {tile.name} start {tile.start} size {tile.size}")
+        folder = os.path.join(workdir, "tiles", tile.name)
+        prior = None
+        if r > 0:
+          prior, links = tiling.priors(tiles, k, rounds[0], _reader(workdir, tiles))
+          os.makedirs(folder, exist_ok=True)
+          runner.write_json(os.path.join(folder, PRIOR),
+                            {"links": [[tiles[i].name, int(a)] for i, a in links]})
+        counters = runner.run(_tile_config(config, tile), folder, predict_fn=predictor,
+                              prior=prior)
+        if not counters.get("complete"):
+          break  # debug.stop_after_fov_calls: stopped as if killed
+        done_here += 1
+      dist.bcast(None)  # waits (polling, not spinning a core) for every rank's last tile
   counts = dist.allgather(done_here)
   if not dist.is_primary:
     return {"tiles_segmented": counts}
@@ -194,13 +223,9 @@ def stitch(workdir: str, tiles, identity: dict, settings: dict, config, fmt: str
     with open(_beside(out_path, "stitch.json")) as f:
       return json.load(f)
 
-  segs = [volumes.open_volume(os.path.join(workdir, "tiles", t.name, runner.SEGMENTATION))
-          for t in tiles]
-
-  def read(k: int, start, size) -> np.ndarray:
-    return segs[k].read(tuple(a - b for a, b in zip(start, tiles[k].start)), size)
-
-  result = tiling.stitch_tables(tiles, read, bbox[0], bbox[1], **settings)
+  read = _reader(workdir, tiles)
+  links = prior_links(workdir, tiles)
+  result = tiling.stitch_tables(tiles, read, bbox[0], bbox[1], links=links, **settings)
   tables, n = result.tables, result.segments
   dtype = np.uint32 if n < 2**32 else np.uint64
   writer = volumes.SegmentationWriter(out_path, fmt, bbox[1], bbox[0],
@@ -214,8 +239,37 @@ def stitch(workdir: str, tiles, identity: dict, settings: dict, config, fmt: str
   runner.write_json(_beside(out_path, "segments.json"),
                     {str(i): int(v) for i, v in enumerate(sizes) if i > 0 and v > 0})
   return {"output": out_path, "output_format": fmt, "segments": int(np.count_nonzero(sizes[1:])),
-          "merges": len(result.merges), "tile_segments": result.tile_segments,
+          "merges": len(result.merges), "continued": len(links),
+          "tile_segments": result.tile_segments,
           "voxels_labelled": int(sizes[1:].sum()), "voxels_total": int(np.prod(bbox[1])),
           "stitch": settings, "time_stitch_s": time.perf_counter() - t0,
           "bbox_start_zyx": list(bbox[0]), "bbox_size_zyx": list(bbox[1]),
           "tiles": len(tiles)}
+
+
+def _reader(workdir: str, tiles):
+  """``read(k, start, size)``: tile ``k``'s local labels in a box given in volume coordinates
+  (tiles opened on first use)."""
+  segs = {}
+
+  def read(k: int, start, size) -> np.ndarray:
+    if k not in segs:
+      segs[k] = volumes.open_volume(
+          os.path.join(workdir, "tiles", tiles[k].name, runner.SEGMENTATION))
+    return segs[k].read(tuple(a - b for a, b in zip(start, tiles[k].start)), size)
+
+  return read
+
+
+def prior_links(workdir: str, tiles) -> list[tuple[int, int, int, int]]:
+  """(tile j, local k, tile i, local a): each continued prior object and its origin, from the
+  tiles' ``prior.json`` (none in ``independent`` mode)."""
+  index = {t.name: i for i, t in enumerate(tiles)}
+  links = []
+  for j, t in enumerate(tiles):
+    path = os.path.join(workdir, "tiles", t.name, PRIOR)
+    if os.path.exists(path):
+      with open(path) as f:
+        for k, (name, a) in enumerate(json.load(f)["links"], start=1):
+          links.append((j, k, index[name], int(a)))
+  return links

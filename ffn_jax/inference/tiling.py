@@ -15,6 +15,12 @@ With ``min_fraction > 0.5`` a segment can match at most one segment of the other
 tile pair never chains distinct objects together. The matches of all tile pairs (faces, edges and
 corners) are joined with union-find (connected components), and the objects get consecutive
 global IDs in the order of tiles, then local IDs.
+
+Continuation (``rounds``, ``priors``): the tiles are segmented in two rounds, a checkerboard of
+even and odd index sums, so that every face neighbour of a second-round tile is a first-round
+one. A second-round tile starts from the labels of its first-round neighbours in *their cores*
+(renumbered 1..P, with links back to the neighbour's IDs) and continues those objects into
+itself; the links join the two tiles' IDs directly, besides the rule.
 """
 from __future__ import annotations
 
@@ -45,6 +51,10 @@ class Tile:
   @property
   def stop(self) -> tuple[int, int, int]:
     return tuple(a + s for a, s in zip(self.start, self.size))
+
+  def core(self) -> "Tile":
+    """This tile's core as a tile of its own (for ``intersection``)."""
+    return Tile(self.index, self.core_start, self.core_size, self.core_start, self.core_size)
 
   def to_json(self) -> dict:
     return {k: list(v) for k, v in dataclasses.asdict(self).items()}
@@ -141,6 +151,38 @@ def find_merges(tiles, read, box_start, box_size, min_overlap_voxels: int, min_f
   return merges
 
 
+def rounds(tiles) -> list[list[int]]:
+  """Tile indices in segmenting rounds for continuation: even index sum, then odd (empty
+  rounds left out)."""
+  parity = [sum(t.index) % 2 for t in tiles]
+  return [r for r in ([k for k, p in enumerate(parity) if p == 0],
+                      [k for k, p in enumerate(parity) if p == 1]) if r]
+
+
+def priors(tiles, k: int, sources, read) -> tuple[np.ndarray, list[tuple[int, int]]]:
+  """What tile ``k`` starts from: the labels of tiles ``sources`` in their cores inside tile
+  ``k``'s box, renumbered 1..P in the order of sources, then IDs.
+
+  Returns:
+    (int32 labels of tile ``k``'s shape, [(source tile, its local ID)] for labels 1..P).
+  """
+  tile = tiles[k]
+  prior = np.zeros(tile.size, np.int32)
+  links: list[tuple[int, int]] = []
+  for i in sources:
+    region = intersection(tiles[i].core(), tile)
+    if i == k or region is None:
+      continue
+    labels = read(i, *region).astype(np.int64)
+    ids = np.unique(labels[labels > 0])
+    lut = np.zeros(int(labels.max(initial=0)) + 1, np.int32)
+    lut[ids] = np.arange(len(links) + 1, len(links) + len(ids) + 1, dtype=np.int32)
+    prior[tuple(slice(a - b, a - b + n) for a, b, n in zip(region[0], tile.start, region[1]))] = (
+        lut[labels])
+    links += [(i, int(a)) for a in ids]
+  return prior, links
+
+
 class Stitch(NamedTuple):
   tables: list  # per tile: uint64 local ID -> global ID (0: unlabelled, or not in the output)
   segments: int  # global IDs
@@ -149,9 +191,10 @@ class Stitch(NamedTuple):
 
 
 def stitch_tables(tiles, read, box_start, box_size, min_overlap_voxels: int, min_fraction: float,
-                  margin: int = 0) -> Stitch:
+                  margin: int = 0, links=()) -> Stitch:
   """The whole stitch short of writing the volume. ``read`` as in ``find_merges``; each tile is
-  read whole once for its IDs."""
+  read whole once for its IDs. ``links``: (tile j, local b, tile i, local a) pairs joined
+  whatever the rule says (continued prior objects and their origins)."""
   max_ids, present = [], []
   for k, t in enumerate(tiles):
     whole = read(k, t.start, t.size)
@@ -160,7 +203,7 @@ def stitch_tables(tiles, read, box_start, box_size, min_overlap_voxels: int, min
     max_ids.append(int(whole.max(initial=0)))
     present.append(np.unique(core[core > 0]))
   merges = find_merges(tiles, read, box_start, box_size, min_overlap_voxels, min_fraction, margin)
-  tables, n = global_ids(max_ids, merges, present)
+  tables, n = global_ids(max_ids, merges + list(links), present)
   return Stitch(tables, n, merges, int(sum(len(p) for p in present)))
 
 
