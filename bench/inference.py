@@ -2,7 +2,7 @@
 
   python bench/inference.py --crop c64 --checkpoint /tmp/fib25_ckpt [--batch-sizes 1 4]
   python bench/inference.py --crop c100 --compute-dtypes float32 bfloat16   # precision
-  python bench/inference.py --crop c100 --tile-size 60 --tile-overlap 20     # tiled + stitched
+  python bench/inference.py --crop c100 --tile-size 70 --tile-overlap 34     # tiled + stitched
   python bench/inference.py --crop c150 --tile-size 100 --tile-overlap 48 --tile-mode independent
 
 Runs ``ffn_jax.inference.runner.run`` (configs/fib25_infer.py) once per batch size, then prints a
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
   ap.add_argument("--compute-dtypes", nargs="+", default=["float32"],
                   choices=["float32", "bfloat16", "auto"])
   ap.add_argument("--tile-size", type=int, default=0, help="also run tiled (cubes of this size)")
-  ap.add_argument("--tile-overlap", type=int, default=32)
+  ap.add_argument("--tile-overlap", type=int, default=48)
   ap.add_argument("--tile-mode", default="continue", choices=["continue", "independent"])
   ap.add_argument("--stitch", default="",
                   help="MIN_VOXELS,MIN_FRACTION pairs to restitch with, e.g. '100,0.6 1000,0.8'")

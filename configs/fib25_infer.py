@@ -73,7 +73,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Whole volumes (ffn_jax.inference.tiled): tile_size_zyx > 0 segments the bbox in overlapping
   # tiles, spread over the ranks of `mpirun -n R`, and stitches them into global IDs.
   c.tile_size_zyx = (0, 0, 0)        # 0 = one box, as one job
-  c.tile_overlap_zyx = (32, 32, 32)  # at least this much overlap with each neighbour
+  # At least this much overlap with each neighbour; over a FOV (33 here) for tile_mode=continue.
+  c.tile_overlap_zyx = (48, 48, 48)
   # "continue": tiles in two checkerboard rounds; a second-round tile starts from its finished
   # neighbours' segments and floods them on into itself (one ID per object across faces).
   # "independent": all tiles at once, joined by the stitch rule alone (ffn_jax.inference.tiled).

@@ -86,6 +86,20 @@ def _stitch_settings(config) -> dict:
           "margin": margin}
 
 
+def _check_continuation_overlap(tiles, fov_zyx, overlap_zyx) -> None:
+  """A tile continues its neighbours' objects from FOV centres inside their half of the
+  overlap, at least half a FOV from its edge: the overlap must exceed the FOV wherever two tiles
+  meet."""
+  fov = [int(v) for v in fov_zyx]
+  overlap = [int(v) for v in overlap_zyx]
+  split = [len({t.index[d] for t in tiles}) > 1 for d in range(3)]
+  if any(s and o <= f for s, o, f in zip(split, overlap, fov)):
+    raise UserError(f"tile_mode=continue needs tile_overlap_zyx {tuple(overlap)} above the FOV "
+                    f"{tuple(fov)} along every axis that is cut into tiles (a tile continues "
+                    "its neighbours' objects from FOV centres in their half of the overlap); "
+                    "raise the overlap or use tile_mode=independent")
+
+
 def _claim(folder: str, tile: tiling.Tile, rank: int) -> bool:
   try:
     fd = os.open(os.path.join(folder, tile.name), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -123,6 +137,8 @@ def run(config, workdir: str) -> dict:
   source, image_desc = runner.load_image(config)
   bbox = runner.resolve_bbox(source.shape, config.bbox_start_zyx, config.bbox_size_zyx)
   tiles = tiling.plan(bbox[0], bbox[1], config.tile_size_zyx, config.tile_overlap_zyx)
+  if mode == "continue":
+    _check_continuation_overlap(tiles, model["fov_size_zyx"], config.tile_overlap_zyx)
   identity = runner.job_identity(config, image_desc, bbox, model, mean, sd, compute_dtype)
   identity["tile_size_zyx"] = [int(v) for v in config.tile_size_zyx]
   identity["tile_overlap_zyx"] = [int(v) for v in config.tile_overlap_zyx]
@@ -137,8 +153,8 @@ def run(config, workdir: str) -> dict:
   if dist.is_primary:
     os.makedirs(claims, exist_ok=True)
     _log(f"{len(tiles)} tiles of {tuple(config.tile_size_zyx)} (overlap "
-         f"{tuple(config.tile_overlap_zyx)}) over {dist.size} rank(s); compute: {compute_dtype}, "
-         f"route {route} ({why})")
+         f"{tuple(config.tile_overlap_zyx)}, {mode}) over {dist.size} rank(s); compute: "
+         f"{compute_dtype}, route {route} ({why})")
   dist.bcast(None)  # the claims folder exists before anyone claims
 
   device = parallel.rank_device(dist)
@@ -178,8 +194,9 @@ def run(config, workdir: str) -> dict:
   summary = stitch(workdir, tiles, identity, stitch_settings, config, fmt, bbox)
   summary.update(tiles_segmented=counts, wall_s=time.perf_counter() - t0, ranks=dist.size)
   runner.write_json(_beside(summary["output"], "stitch.json"), summary)
-  _log(f"done: {summary['segments']} segments from {len(tiles)} tiles, {summary['merges']} "
-       f"merges, {summary['wall_s']:.1f} s -> {summary['output']}")
+  _log(f"done: {summary['segments']} segments from {len(tiles)} tiles ({mode}), "
+       f"{summary['continued']} objects continued, {summary['merges']} merges by the rule, "
+       f"{summary['wall_s']:.1f} s -> {summary['output']}")
   return summary
 
 
