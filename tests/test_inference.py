@@ -412,3 +412,25 @@ def test_continuations_batched_and_resumed_equal_sequential(batch_size, kill_aft
   second.load_state(state)
   second.segment_all()
   assert np.array_equal(second.segmentation, ref.segmentation) and second.origins == ref.origins
+
+
+def test_an_object_entering_through_two_faces_is_joined_once_and_only_with_itself():
+  """Prior labels on two faces (x < 6 and y < 6, numbered apart): the continuation of an object
+  from the first face floods over its own prior voxels on the second, which it may not
+  relabel; the canvas records the two labels as one object, and joins nothing else."""
+  labels = voronoi_labels(n=9, rng_seed=3)
+  prior = np.zeros(labels.shape, np.int32)
+  prior[:, :, :6] = labels[:, :, :6]
+  prior[:, :6, 6:] = labels[:, :6, 6:] + 100
+  ids = np.unique(prior[prior > 0])
+  prior = (np.searchsorted(ids, prior) + 1) * (prior > 0)
+  obj = lambda k: ids[k - 1] % 100  # noqa: E731
+  c = canvas_lib.Canvas((labels * 10).astype(np.float32), exact_predict, 1, FOV, DELTAS,
+                        options_lib.InferenceOptions(min_segment_size=50), prior=prior)
+  c.set_seeds(seed.policy_grid(labels.shape, step=6, offsets=(4, 7)))
+  c.segment_all()
+  big = lambda block: {v for v, n in zip(*np.unique(block, return_counts=True)) if n >= 100}  # noqa: E731
+  both = big(labels[:, :, :6]) & big(labels[:, :6, 6:])  # join[0]: at least 100 voxels
+  assert both and c.joins
+  assert all(obj(a) == obj(b) for a, b in c.joins)  # never two different objects
+  assert {obj(a) for a, _ in c.joins} == both  # every object on both faces

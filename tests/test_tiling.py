@@ -268,6 +268,7 @@ def _tiles_with_oracle(labels, tiles, mode, min_overlap_voxels):
       c.set_seeds(seed.policy_grid(labels[box].shape, step=6, offsets=(4, 7)))
       c.segment_all()
       segs[k] = c.segmentation
+      links += [(k, sid, k, prior_id) for sid, prior_id in c.joins]
   result = tiling.stitch_tables(tiles, read, (0, 0, 0), labels.shape, min_overlap_voxels, 0.6,
                                 0, links)
   out = np.zeros(labels.shape, np.int64)

@@ -91,11 +91,15 @@ def make_canvas(config, image: np.ndarray, predictor, model: dict,
   """A Canvas over ``image`` (normalized float32 zyx) with the flood settings of ``config``
   (``inference.*``, ``batch_size``, ``max_pending``: ``configs/fib25_infer.add_flood_settings``)
   and the FOV geometry of ``model`` (checkpoint meta ``model``); ``prior``: labels to start
-  from and continue (``Canvas``)."""
+  from and continue (``Canvas``), joined with the segments that flood over them by the
+  thresholds of ``stitch.*`` where the config has them."""
+  join = {}
+  if "stitch" in config:
+    join["join"] = (int(config.stitch.min_overlap_voxels), float(config.stitch.min_fraction))
   return canvas_lib.Canvas(
       image, predictor, max(1, int(config.batch_size)), model["fov_size_zyx"],
       model["deltas_zyx"], options_from_config(config), mask=mask,
-      max_pending=int(config.max_pending) or None, prior=prior)
+      max_pending=int(config.max_pending) or None, prior=prior, **join)
 
 
 def seed_coords(config, image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -412,11 +416,14 @@ def run(config, workdir: str, predict_fn=None, prior: np.ndarray | None = None) 
   out_dtype = np.uint32 if canvas.max_id < 2**32 else np.uint64
   volumes.write_zarr(os.path.join(workdir, SEGMENTATION), seg.astype(out_dtype),
                      attrs=segmentation_attrs(identity))
-  n_prior = 0 if canvas.prior is None else int(canvas.prior.max())
+  joins: dict = {}
+  for sid, k in canvas.joins:
+    joins.setdefault(sid, []).append(k)
   segments = {str(sid): {"seed_zyx": [int(a + b - w) for a, b, w in
                                       zip(o[0], bbox[0], border.width)],
                          "fov_iters": o[1], "voxels": o[2],
-                         **({"continued": True} if sid <= n_prior else {}),
+                         **({"continued": True} if sid <= canvas.n_prior else {}),
+                         **({"joins": joins[sid]} if sid in joins else {}),
                          "overlaps": {str(int(i)): int(n) for i, n in zip(*canvas.overlaps[sid])}}
               for sid, o in sorted(canvas.origins.items())}
   write_json(os.path.join(workdir, "segments.json"), segments)

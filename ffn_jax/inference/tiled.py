@@ -195,7 +195,8 @@ def run(config, workdir: str) -> dict:
   summary.update(tiles_segmented=counts, wall_s=time.perf_counter() - t0, ranks=dist.size)
   runner.write_json(_beside(summary["output"], "stitch.json"), summary)
   _log(f"done: {summary['segments']} segments from {len(tiles)} tiles ({mode}), "
-       f"{summary['continued']} objects continued, {summary['merges']} merges by the rule, "
+       f"{summary['continued']} objects continued ({summary['joins']} joined), "
+       f"{summary['merges']} merges by the rule, "
        f"{summary['wall_s']:.1f} s -> {summary['output']}")
   return summary
 
@@ -256,7 +257,8 @@ def stitch(workdir: str, tiles, identity: dict, settings: dict, config, fmt: str
   runner.write_json(_beside(out_path, "segments.json"),
                     {str(i): int(v) for i, v in enumerate(sizes) if i > 0 and v > 0})
   return {"output": out_path, "output_format": fmt, "segments": int(np.count_nonzero(sizes[1:])),
-          "merges": len(result.merges), "continued": len(links),
+          "merges": len(result.merges), "continued": sum(i != j for j, _, i, _ in links),
+          "joins": sum(i == j for j, _, i, _ in links),
           "tile_segments": result.tile_segments,
           "voxels_labelled": int(sizes[1:].sum()), "voxels_total": int(np.prod(bbox[1])),
           "stitch": settings, "time_stitch_s": time.perf_counter() - t0,
@@ -279,14 +281,19 @@ def _reader(workdir: str, tiles):
 
 
 def prior_links(workdir: str, tiles) -> list[tuple[int, int, int, int]]:
-  """(tile j, local k, tile i, local a): each continued prior object and its origin, from the
-  tiles' ``prior.json`` (none in ``independent`` mode)."""
+  """(tile j, local k, tile i, local a) pairs that are one object: each continued prior object
+  and its origin (the tiles' ``prior.json``), and each segment of a tile with the prior objects
+  its flood covered (its ``segments.json`` ``joins``). None in ``independent`` mode."""
   index = {t.name: i for i, t in enumerate(tiles)}
   links = []
   for j, t in enumerate(tiles):
-    path = os.path.join(workdir, "tiles", t.name, PRIOR)
-    if os.path.exists(path):
-      with open(path) as f:
-        for k, (name, a) in enumerate(json.load(f)["links"], start=1):
-          links.append((j, k, index[name], int(a)))
+    folder = os.path.join(workdir, "tiles", t.name)
+    if not os.path.exists(os.path.join(folder, PRIOR)):
+      continue
+    with open(os.path.join(folder, PRIOR)) as f:
+      for k, (name, a) in enumerate(json.load(f)["links"], start=1):
+        links.append((j, k, index[name], int(a)))
+    with open(os.path.join(folder, "segments.json")) as f:
+      for sid, info in json.load(f).items():
+        links += [(j, int(sid), j, int(k)) for k in info.get("joins", ())]
   return links
