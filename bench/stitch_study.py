@@ -4,8 +4,8 @@
     --rules 100,0.6,0 100,0.6,8 100,0.6,16 100,0.51,16 [--truth ../shared/data/.../labels.zarr]
 
 ``--tiled`` is the workdir of a finished tiled ``infer.py`` run (its tiles and ``tiling.json``);
-each rule ``MIN_VOXELS,MIN_FRACTION,MARGIN`` (``stitch.min_overlap_voxels``,
-``stitch.min_fraction``, ``stitch.margin``) is stitched with the code ``infer.py`` uses
+each rule ``MIN_VOXELS,MIN_FRACTION,MARGIN[,JOIN_FRACTION]`` (``stitch.min_overlap_voxels``,
+``stitch.min_fraction``, ``stitch.margin``, ``stitch.join_fraction``) is stitched with the code ``infer.py`` uses
 (``tiling.stitch_tables``), nothing is written. Each result is compared with ``--reference``,
 normally a single-pass segmentation of the same box: VI between the two, and how many
 reference segments (>= 1000 voxels) the stitched one splits and how many stitched segments
@@ -28,13 +28,16 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
+from configs import fib25_infer  # noqa: E402
 from ffn_jax import evaluation  # noqa: E402
 from ffn_jax.data import volumes  # noqa: E402
 from ffn_jax.inference import runner, tiled, tiling  # noqa: E402
 
+JOIN_FRACTION = fib25_infer.get_config().stitch.join_fraction
+
 
 def load_tiles(workdir: str):
-  """(tiles, box start, box size, reader, prior links) of a tiled run's workdir."""
+  """(tiles, box start, box size, reader) of a tiled run's workdir."""
   with open(os.path.join(workdir, "tiling.json")) as f:
     plan = json.load(f)
   tiles = [tiling.Tile.from_json(t) for t in plan["tiles"]]
@@ -46,7 +49,7 @@ def load_tiles(workdir: str):
   def read(k: int, at, shape) -> np.ndarray:
     lo = [a - b for a, b in zip(at, tiles[k].start)]
     return arrays[k][tuple(slice(a, a + n) for a, n in zip(lo, shape))]
-  return tiles, start, size, read, tiled.prior_links(workdir, tiles)
+  return tiles, start, size, read
 
 
 def stitched(tiles, start, size, read, min_overlap_voxels, min_fraction, margin, links=()):
@@ -73,9 +76,10 @@ def main(argv=None) -> int:
   ap.add_argument("--reference", required=True, help="segmentation to compare with")
   ap.add_argument("--truth", default="", help="ground-truth labels (optional)")
   ap.add_argument("--rules", nargs="+", default=["100,0.6,0"],
-                  help="MIN_VOXELS,MIN_FRACTION,MARGIN triples")
+                  help="MIN_VOXELS,MIN_FRACTION,MARGIN[,JOIN_FRACTION] (join: tile_mode=continue "
+                       "runs; default that of configs/fib25_infer.py)")
   args = ap.parse_args(argv)
-  tiles, start, size, read, links = load_tiles(args.tiled)
+  tiles, start, size, read = load_tiles(args.tiled)
   reference = read_box(args.reference, start, size)
   truth = read_box(args.truth, start, size) if args.truth else None
   rows = []
@@ -84,8 +88,10 @@ def main(argv=None) -> int:
     rows.append({"rule": "reference", "vi": m["vi"], "vi_split": m["vi_split"],
                  "vi_merge": m["vi_merge"], "are": m["are"], "segments": m["segments_pred"]})
   for rule in args.rules:
-    voxels, fraction, margin = rule.split(",")
+    voxels, fraction, margin, *join = rule.split(",")
     t0 = time.perf_counter()
+    links = tiled.prior_links(args.tiled, tiles, read, int(voxels),
+                              float(join[0]) if join else JOIN_FRACTION)
     seg, merges = stitched(tiles, start, size, read, int(voxels), float(fraction), int(margin),
                            links)
     vs = evaluation.evaluate_segmentation(seg, reference)

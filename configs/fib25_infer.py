@@ -75,10 +75,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.tile_size_zyx = (0, 0, 0)        # 0 = one box, as one job
   # At least this much overlap with each neighbour; over a FOV (33 here) for tile_mode=continue.
   c.tile_overlap_zyx = (48, 48, 48)
-  # "continue": tiles in two checkerboard rounds; a second-round tile starts from its finished
-  # neighbours' segments and floods them on into itself (one ID per object across faces).
-  # "independent": all tiles at once, joined by the stitch rule alone (ffn_jax.inference.tiled).
-  c.tile_mode = "continue"
+  # "independent": all tiles at once, joined by the stitch rule alone. "continue": tiles in two
+  # checkerboard rounds; a second-round tile starts from its finished neighbours' segments and
+  # floods them on into itself (one ID per object across faces; ffn_jax.inference.tiled). On
+  # training data (docs/benchmarks.md section 7) independent tiles agreed best with one pass.
+  c.tile_mode = "independent"
   c.stitch = ml_collections.ConfigDict()
   # Merge two tiles' segments when they share >= min_overlap_voxels voxels in the tiles' overlap
   # and that is >= min_fraction of each one's voxels there (> 0.5: one partner at most).
@@ -89,6 +90,9 @@ def get_config() -> ml_collections.ConfigDict:
   # middle half). 0, the whole overlap, stays the default: margins did not help on the whole
   # volume (docs/benchmarks.md section 7).
   c.stitch.margin = 0
+  # tile_mode=continue: a segment whose flood covers >= join_fraction of a neighbour object's
+  # voxels in the tile (and >= min_overlap_voxels) is that object (0.9: chosen on training data).
+  c.stitch.join_fraction = 0.9
   c.stitch.output = ""  # '' = segmentation.zarr (zarr) or segmentation/ (precomputed)
   c.output_format = "zarr"  # of tiled runs: zarr | precomputed (neuroglancer)
 

@@ -76,7 +76,8 @@ def _write_tiles(tmp_path, truth, tiles, split=None):
 
 
 def _stitch(tmp_path, tiles, fmt="zarr", output="", box=(24, 24, 24), **settings):
-  settings = {"min_overlap_voxels": 10, "min_fraction": 0.6, "margin": 0, **settings}
+  settings = {"min_overlap_voxels": 10, "min_fraction": 0.6, "margin": 0, "join_fraction": 0.9,
+              **settings}
   config = ml_collections.ConfigDict({"stitch": {"output": output}})
   identity = {"voxel_size_zyx": [1.0, 1.0, 1.0], "job": "test"}
   return tiled.stitch(str(tmp_path), tiles, identity, settings, config, fmt, ((0, 0, 0), box))
@@ -196,7 +197,7 @@ def test_precomputed_output_opens_at_its_offset(tmp_path):
                                     else v for i, v in enumerate(
                                         (t.start, t.size, t.core_start, t.core_size))])
              for t in tiles]
-  settings = {"min_overlap_voxels": 10, "min_fraction": 0.6, "margin": 0}
+  settings = {"min_overlap_voxels": 10, "min_fraction": 0.6, "margin": 0, "join_fraction": 0.9}
   tiled.stitch(str(tmp_path), shifted, identity, settings, config, "precomputed",
                ((5, 6, 7), (24, 24, 24)))
   store = ts.open({"driver": "neuroglancer_precomputed",
@@ -245,7 +246,7 @@ def test_rounds_put_face_neighbours_apart_and_priors_come_from_their_cores():
 
 def _tiles_with_oracle(labels, tiles, mode, min_overlap_voxels):
   """Segments each tile with the exact oracle FFN (as tiled.run does, in memory) and stitches."""
-  from test_inference import DELTAS, FOV, exact_predict
+  from test_inference import DELTAS, FOV, canvas_joins, exact_predict
 
   from ffn_jax.inference import canvas as canvas_lib
   from ffn_jax.inference import options as options_lib
@@ -268,7 +269,8 @@ def _tiles_with_oracle(labels, tiles, mode, min_overlap_voxels):
       c.set_seeds(seed.policy_grid(labels[box].shape, step=6, offsets=(4, 7)))
       c.segment_all()
       segs[k] = c.segmentation
-      links += [(k, sid, k, prior_id) for sid, prior_id in c.joins]
+      if prior is not None:
+        links += [(k, sid, k, prior_id) for sid, prior_id in canvas_joins(c)]
   result = tiling.stitch_tables(tiles, read, (0, 0, 0), labels.shape, min_overlap_voxels, 0.6,
                                 0, links)
   out = np.zeros(labels.shape, np.int64)
@@ -329,7 +331,8 @@ def _infer(assets, workdir, *extra, ranks=None):
                         timeout=600)
 
 
-TILES = ("--config.tile_size_zyx=(22,22,22)", "--config.tile_overlap_zyx=(10,10,10)")
+TILES = ("--config.tile_size_zyx=(22,22,22)", "--config.tile_overlap_zyx=(10,10,10)",
+         "--config.tile_mode=continue")
 
 
 def test_tiled_run_one_and_two_ranks_and_resume(assets, tmp_path):
@@ -344,7 +347,7 @@ def test_tiled_run_one_and_two_ranks_and_resume(assets, tmp_path):
   # Every tile is the single-box job of its box.
   tiling_json = json.loads((tmp_path / "one" / "tiling.json").read_text())
   assert len(tiling_json["tiles"]) == n_tiles
-  # Continuation (the default): the second-round tiles say which neighbour objects they carried on.
+  # Continuation: the second-round tiles say which neighbour objects they carried on.
   first, second = tiling.rounds([tiling.Tile.from_json(t) for t in tiling_json["tiles"]])
   names = [tiling.Tile.from_json(t).name for t in tiling_json["tiles"]]
   assert not any((tmp_path / "one" / "tiles" / names[k] / "prior.json").exists() for k in first)
@@ -352,7 +355,7 @@ def test_tiled_run_one_and_two_ranks_and_resume(assets, tmp_path):
            for k in second]
   assert summary["continued"] == sum(map(len, links)) > 0
   assert {name for tile_links in links for name, _ in tile_links} <= {names[k] for k in first}
-  independent = _infer(assets, tmp_path / "independent", *TILES, "--config.tile_mode=independent")
+  independent = _infer(assets, tmp_path / "independent", *TILES[:2])  # the default mode
   assert independent.returncode == 0, independent.stderr
   assert json.loads((tmp_path / "independent" / "stitch.json").read_text())["continued"] == 0
   assert not list((tmp_path / "independent" / "tiles").glob("*/prior.json"))
@@ -384,9 +387,10 @@ def test_tiled_run_one_and_two_ranks_and_resume(assets, tmp_path):
     (TILES + ("--config.stitch.min_fraction=0.4",), "min_fraction"),
     (TILES + ("--config.stitch.margin=5",), "stitch.margin"),
     (TILES + ("--config.output_format=n5",), "output_format"),
-    (TILES + ("--config.tile_mode=sequential",), "tile_mode"),
-    (("--config.tile_size_zyx=(22,22,22)", "--config.tile_overlap_zyx=(10,9,10)"),
-     "above the FOV"),
+    (TILES[:2] + ("--config.tile_mode=sequential",), "tile_mode"),
+    (("--config.tile_size_zyx=(22,22,22)", "--config.tile_overlap_zyx=(10,9,10)",
+      "--config.tile_mode=continue"), "above the FOV"),
+    (TILES + ("--config.stitch.join_fraction=0.5",), "join_fraction"),
 ])
 def test_bad_tiling_settings_are_one_line_exit_2(assets, tmp_path, extra, text):
   proc = _infer(assets, tmp_path / "bad", *extra)

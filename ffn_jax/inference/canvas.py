@@ -19,11 +19,10 @@ object map starts at ``init_activation`` on that object's voxels, whose FOV star
 lattice cell (``deltas``) of the object where a FOV fits, and which commits what it floods under
 the prior label. It floods as any segment does, except that it may pass through its own prior
 voxels and is never rejected for a weak start. So an object that enters from a neighbour grows
-on as it would have in one pass over both, keeping its label. A segment (continued or new) whose
-flood covers at least ``join[1]`` of a prior object's voxels (prior and continued), and at least
-``join[0]`` voxels, is the same object as that one: the pair is recorded in ``joins``. (An
-object that enters through two faces is continued from the first, which then floods over the
-second face's prior voxels of the same object, which it may not relabel.)
+on as it would have in one pass over both, keeping its label. Like every segment, it records
+the earlier labels its flood covered (``overlaps``): an object that enters through two faces is
+continued from the first, whose flood covers the second face's prior voxels of the same object,
+which it may not relabel (``tiling.joins`` reads that).
 
 Batching by speculation. With ``batch_size`` K > 1 several segments (the next seeds in seed
 order) are flooded at once, one FOV of each per device call. A segment only reads shared state
@@ -62,14 +61,11 @@ class Canvas:
       for K = 1, else 4K. Each started one holds a canvas-sized float32 map.
     prior: optional int [z, y, x] labels 1..P (0 = none) the segmentation starts with; each is
       continued before the seeds (module docstring), and new segments get IDs above P.
-    join: (min voxels, min fraction) for recording a segment and a prior object it floods
-      over as one object (module docstring).
   """
 
   def __init__(self, image: np.ndarray, predict: Callable, batch_size: int, fov_size_zyx,
                deltas_zyx, options: InferenceOptions, mask: np.ndarray | None = None,
-               max_pending: int | None = None, prior: np.ndarray | None = None,
-               join: tuple[int, float] = (100, 0.6)):
+               max_pending: int | None = None, prior: np.ndarray | None = None):
     self.image = image
     self.shape = tuple(image.shape)
     self.predict = predict
@@ -90,8 +86,6 @@ class Canvas:
     self.n_prior = 0
     self.continuations: list = []  # (prior label, [N, 3] FOV starts), in label order
     self.cont_idx = 0  # next continuation to start
-    self.join = (int(join[0]), float(join[1]))
-    self.joins: list = []  # (segment ID, prior label): one object
     if prior is not None:
       self.set_prior(prior)
     self.origins: dict = {}   # id -> (seed zyx, FOV iterations, voxels)
@@ -112,7 +106,6 @@ class Canvas:
     self.prior = prior.astype(np.int32)
     self.segmentation = self.prior.copy()
     self.n_prior = self.max_id = int(self.prior.max(initial=0))
-    self.prior_sizes = np.bincount(self.prior.ravel(), minlength=self.n_prior + 1)
     self.continuations = continuation_starts(self.prior, self.margin, self.deltas, self.mask)
     self.cont_idx = 0
 
@@ -295,7 +288,6 @@ class Canvas:
     keep = ids > 0
     if job.label:
       keep &= ids != job.label
-    joined = self._joined(ids[keep], counts[keep])
     mask &= seg <= 0
     size = int(mask.sum())
     if job.label:  # a continuation: its prior object is kept whatever it adds
@@ -314,20 +306,10 @@ class Canvas:
     seg[mask] = sid
     self.origins[sid] = (job.start, job.iters, size)
     self.overlaps[sid] = (ids[keep].astype(np.int64), counts[keep].astype(np.int64))
-    if joined:
-      self.joins += [(sid, k) for k in joined]
-      self.count("joins", len(joined))
     if not job.label:
       self.count("voxels_labelled", size)
       self.count("voxels_overlapping", raw - size)
     self._revalidate(lo, mask)
-
-  def _joined(self, ids: np.ndarray, counts: np.ndarray) -> list:
-    """The prior labels among ``ids`` (flooded over ``counts`` times) that the flood covers
-    enough of: of all their voxels, prior and continued (module docstring)."""
-    prior = (ids > 0) & (ids <= self.n_prior) & (counts >= self.join[0])
-    return [int(k) for k, n in zip(ids[prior], counts[prior])
-            if n >= self.join[1] * (self.prior_sizes[k] + self.origins.get(int(k), (0, 0, 0))[2])]
 
   def _revalidate(self, lo: np.ndarray, new_mask: np.ndarray) -> None:
     """Drops / restarts later in-flight segments that read what the last commit changed."""

@@ -53,7 +53,6 @@ def state_dict(canvas) -> dict:
   st["cont_idx"] = np.int64(cont_idx)
   if canvas.prior is not None:
     st["prior"] = canvas.prior
-    st["joins"] = np.array(canvas.joins, np.int64).reshape(-1, 2)
   return st
 
 
@@ -66,7 +65,6 @@ def load_state(canvas, st: dict) -> None:
   if "prior" in st:
     canvas.set_prior(st["prior"])
     canvas.cont_idx = int(st["cont_idx"])
-    canvas.joins = [(int(a), int(b)) for a, b in st["joins"]]
   canvas.segmentation = np.array(st["segmentation"], np.int32)
   canvas.max_id = int(st["max_id"])
   canvas.origins = {int(i): (tuple(int(v) for v in z), int(n), int(s)) for i, z, n, s in zip(

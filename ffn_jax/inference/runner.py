@@ -91,15 +91,11 @@ def make_canvas(config, image: np.ndarray, predictor, model: dict,
   """A Canvas over ``image`` (normalized float32 zyx) with the flood settings of ``config``
   (``inference.*``, ``batch_size``, ``max_pending``: ``configs/fib25_infer.add_flood_settings``)
   and the FOV geometry of ``model`` (checkpoint meta ``model``); ``prior``: labels to start
-  from and continue (``Canvas``), joined with the segments that flood over them by the
-  thresholds of ``stitch.*`` where the config has them."""
-  join = {}
-  if "stitch" in config:
-    join["join"] = (int(config.stitch.min_overlap_voxels), float(config.stitch.min_fraction))
+  from and continue (``Canvas``)."""
   return canvas_lib.Canvas(
       image, predictor, max(1, int(config.batch_size)), model["fov_size_zyx"],
       model["deltas_zyx"], options_from_config(config), mask=mask,
-      max_pending=int(config.max_pending) or None, prior=prior, **join)
+      max_pending=int(config.max_pending) or None, prior=prior)
 
 
 def seed_coords(config, image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -416,14 +412,10 @@ def run(config, workdir: str, predict_fn=None, prior: np.ndarray | None = None) 
   out_dtype = np.uint32 if canvas.max_id < 2**32 else np.uint64
   volumes.write_zarr(os.path.join(workdir, SEGMENTATION), seg.astype(out_dtype),
                      attrs=segmentation_attrs(identity))
-  joins: dict = {}
-  for sid, k in canvas.joins:
-    joins.setdefault(sid, []).append(k)
   segments = {str(sid): {"seed_zyx": [int(a + b - w) for a, b, w in
                                       zip(o[0], bbox[0], border.width)],
                          "fov_iters": o[1], "voxels": o[2],
                          **({"continued": True} if sid <= canvas.n_prior else {}),
-                         **({"joins": joins[sid]} if sid in joins else {}),
                          "overlaps": {str(int(i)): int(n) for i, n in zip(*canvas.overlaps[sid])}}
               for sid, o in sorted(canvas.origins.items())}
   write_json(os.path.join(workdir, "segments.json"), segments)

@@ -82,8 +82,10 @@ def _stitch_settings(config) -> dict:
   if not 0.5 < float(s.min_fraction) <= 1.0:
     raise UserError(f"stitch.min_fraction must lie in (0.5, 1], got {s.min_fraction} (above "
                     "0.5 a segment matches at most one segment of the neighbouring tile)")
+  if not 0.5 < float(s.join_fraction) <= 1.0:
+    raise UserError(f"stitch.join_fraction must lie in (0.5, 1], got {s.join_fraction}")
   return {"min_overlap_voxels": int(s.min_overlap_voxels), "min_fraction": float(s.min_fraction),
-          "margin": margin}
+          "margin": margin, "join_fraction": float(s.join_fraction)}
 
 
 def _check_continuation_overlap(tiles, fov_zyx, overlap_zyx) -> None:
@@ -126,7 +128,7 @@ def run(config, workdir: str) -> dict:
   workdir = os.path.abspath(workdir)
   runner.options_from_config(config)
   stitch_settings = _stitch_settings(config)
-  mode = str(config.get("tile_mode", "independent"))
+  mode = str(config.tile_mode)
   if mode not in TILE_MODES:
     raise UserError(f"tile_mode must be one of {TILE_MODES}, got {mode!r}")
   fmt = str(config.output_format)
@@ -242,8 +244,10 @@ def stitch(workdir: str, tiles, identity: dict, settings: dict, config, fmt: str
       return json.load(f)
 
   read = _reader(workdir, tiles)
-  links = prior_links(workdir, tiles)
-  result = tiling.stitch_tables(tiles, read, bbox[0], bbox[1], links=links, **settings)
+  links = prior_links(workdir, tiles, read, settings["min_overlap_voxels"],
+                      settings["join_fraction"])
+  rule = {k: v for k, v in settings.items() if k != "join_fraction"}
+  result = tiling.stitch_tables(tiles, read, bbox[0], bbox[1], links=links, **rule)
   tables, n = result.tables, result.segments
   dtype = np.uint32 if n < 2**32 else np.uint64
   writer = volumes.SegmentationWriter(out_path, fmt, bbox[1], bbox[0],
@@ -280,20 +284,29 @@ def _reader(workdir: str, tiles):
   return read
 
 
-def prior_links(workdir: str, tiles) -> list[tuple[int, int, int, int]]:
+def prior_links(workdir: str, tiles, read, join_voxels: int,
+                join_fraction: float) -> list[tuple[int, int, int, int]]:
   """(tile j, local k, tile i, local a) pairs that are one object: each continued prior object
-  and its origin (the tiles' ``prior.json``), and each segment of a tile with the prior objects
-  its flood covered (its ``segments.json`` ``joins``). None in ``independent`` mode."""
+  and its origin (the tiles' ``prior.json``), and a tile's segments with the prior objects their
+  floods covered (``tiling.joins``, from ``segments.json``). None in ``independent`` mode."""
   index = {t.name: i for i, t in enumerate(tiles)}
+  first = tiling.rounds(tiles)[0]
   links = []
   for j, t in enumerate(tiles):
     folder = os.path.join(workdir, "tiles", t.name)
     if not os.path.exists(os.path.join(folder, PRIOR)):
       continue
     with open(os.path.join(folder, PRIOR)) as f:
-      for k, (name, a) in enumerate(json.load(f)["links"], start=1):
-        links.append((j, k, index[name], int(a)))
+      back = json.load(f)["links"]
+    links += [(j, k, index[name], int(a)) for k, (name, a) in enumerate(back, start=1)]
     with open(os.path.join(folder, "segments.json")) as f:
-      for sid, info in json.load(f).items():
-        links += [(j, int(sid), j, int(k)) for k in info.get("joins", ())]
+      overlaps = {int(sid): {int(k): int(n) for k, n in info["overlaps"].items()}
+                  for sid, info in json.load(f).items()}
+    prior, _ = tiling.priors(tiles, j, first, read)
+    seg = read(j, t.start, t.size)
+    n = max(len(back), int(seg.max(initial=0))) + 1
+    sizes = np.bincount(seg.ravel().astype(np.int64), minlength=n)
+    links += [(j, sid, j, k) for sid, k in tiling.joins(
+        overlaps, len(back), np.bincount(prior.ravel(), minlength=n), sizes, join_voxels,
+        join_fraction)]
   return links

@@ -20,7 +20,10 @@ Continuation (``rounds``, ``priors``): the tiles are segmented in two rounds, a 
 even and odd index sums, so that every face neighbour of a second-round tile is a first-round
 one. A second-round tile starts from the labels of its first-round neighbours in *their cores*
 (renumbered 1..P, with links back to the neighbour's IDs) and continues those objects into
-itself; the links join the two tiles' IDs directly, besides the rule.
+itself; the links join the two tiles' IDs directly, besides the rule. An object that enters a
+tile through two faces is continued from the first; that flood covers its prior voxels on the
+second face without relabelling them, and ``joins`` makes the two labels one object when the
+flood covered at least ``join_fraction`` of the second one's voxels.
 """
 from __future__ import annotations
 
@@ -181,6 +184,29 @@ def priors(tiles, k: int, sources, read) -> tuple[np.ndarray, list[tuple[int, in
         lut[labels])
     links += [(i, int(a)) for a in ids]
   return prior, links
+
+
+def joins(overlaps: dict, n_prior: int, prior_sizes, sizes, min_voxels: int,
+          min_fraction: float) -> list[tuple[int, int]]:
+  """(segment, prior label) pairs of one continued tile that are one object: the segment's
+  flood covered at least ``min_voxels`` voxels and ``min_fraction`` of the prior object's voxels
+  as they were when the segment was committed.
+
+  Args:
+    overlaps: segment ID -> {earlier label: voxels its flood covered} (``segments.json``).
+    n_prior: prior labels are 1..n_prior, continued in that order before any new segment.
+    prior_sizes, sizes: voxels per label at the start and in the finished tile (a label's
+      voxels do not change after its own commit).
+  """
+  out = []
+  for sid, covered in overlaps.items():
+    for k, n in covered.items():
+      if not 0 < k <= n_prior or k == sid or n < min_voxels:
+        continue
+      total = sizes[k] if k < sid else prior_sizes[k]  # committed before the segment or not
+      if n >= min_fraction * total:
+        out.append((int(sid), int(k)))
+  return out
 
 
 class Stitch(NamedTuple):
