@@ -10,13 +10,14 @@ tile: tiles differ greatly in cost. When all tiles are done rank 0 stitches them
 
 ``tile_mode``:
 
-- ``continue`` (default): two rounds, the tiles of even index sum first, then the others (a
+- ``continue``: two rounds, the tiles of even index sum first, then the others (a
   checkerboard: every face neighbour of a second-round tile is a first-round one). A second-round
   tile starts from its first-round neighbours' segments in their cores (``prior.json`` says
   which) and floods each of them on into itself before it seeds (``Canvas``), so an object
   that crosses a face keeps one ID as if one pass had segmented both tiles; the stitching rule
   joins the rest (tiles that meet only at an edge or a corner, and what continuation missed).
-- ``independent``: every tile on its own, all at once, joined by the stitching rule alone.
+- ``independent`` (default): every tile on its own, all at once, joined by the stitching rule
+  alone. On training data it agreed better with a single pass (docs/benchmarks.md section 7).
 
 ``WORKDIR`` holds:
 
