@@ -140,12 +140,13 @@ def test_cli_errors(assets, tmp_path, capsys, monkeypatch):
   assert np.array_equal(_seg(work), before)
 
 
-def test_reflect_border_padding_reaches_the_block_border(assets, tmp_path, monkeypatch):
-  """border_padding=reflect: FOVs may be centred up to the block's border, so the outer
+@pytest.mark.parametrize("padding", ["reflect", "context"])
+def test_border_padding_reaches_the_block_border(assets, tmp_path, monkeypatch, padding):
+  """border_padding=reflect|context: FOVs may be centred up to the block's border, so the outer
   half-FOV shell gets segmented; the output keeps the block's shape and global seed coords."""
   infer = _Infer(monkeypatch)
   assert infer.main(_argv(assets, tmp_path / "none")) == 0
-  assert infer.main(_argv(assets, tmp_path / "reflect", "border_padding=reflect")) == 0
+  assert infer.main(_argv(assets, tmp_path / "reflect", f"border_padding={padding}")) == 0
   plain, padded = _seg(tmp_path / "none"), _seg(tmp_path / "reflect")
   assert padded.shape == plain.shape == (24, 24, 24)
   shell = np.ones(plain.shape, bool)
@@ -159,3 +160,21 @@ def test_reflect_border_padding_reaches_the_block_border(assets, tmp_path, monke
   with pytest.raises(SystemExit) as e:
     infer.main(_argv(assets, tmp_path / "bad", "border_padding=wrap"))
   assert e.value.code == 2
+
+
+def test_context_padding_is_the_real_image_around_the_block_mirrored_past_the_volume():
+  """border_padding=context pads a block with its surroundings where the volume has them
+  (a tile sees its neighbours) and mirrors only beyond the volume's end, like reflect."""
+  from ffn_jax.inference.runner import BorderPadding
+  vol = np.random.default_rng(0).integers(0, 255, (20, 21, 22)).astype(np.uint8)
+  source = volumes.open_volume(vol)
+  context = BorderPadding({"border_padding": "context"}, {"fov_size_zyx": (9, 9, 9)})
+  reflect = BorderPadding({"border_padding": "reflect"}, {"fov_size_zyx": (9, 9, 9)})
+  inner = context.read(source, ((5, 6, 7), (8, 9, 10)))
+  assert np.array_equal(inner, vol[1:17, 2:19, 3:21])
+  assert np.array_equal(context.crop(inner), vol[5:13, 6:15, 7:17])
+  whole = ((0, 0, 0), vol.shape)
+  assert np.array_equal(context.read(source, whole), reflect.read(source, whole))
+  edge = context.read(source, ((0, 2, 16), (20, 8, 6)))  # z: both volume ends; x: the far end
+  want = np.pad(vol[:, 0:14, 12:22], ((4, 4), (2, 0), (0, 4)), mode="reflect")
+  assert edge.shape == (28, 16, 14) and np.array_equal(edge, want)

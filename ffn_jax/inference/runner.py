@@ -107,24 +107,41 @@ def seed_coords(config, image: np.ndarray, mask: np.ndarray | None = None) -> np
 
 
 class BorderPadding:
-  """The canvas around a block: ``border_padding`` "none" (Google's: the canvas is the block) or
-  "reflect" (the block mirrored by half a FOV on every side).
+  """The canvas around a block: ``border_padding`` "none" (Google's: the canvas is the block),
+  "reflect" (the block mirrored by half a FOV on every side) or "context" (half a FOV of the
+  real image around the block where the volume has it, mirrored beyond the volume's end).
 
   A FOV centre must lie half a FOV inside the canvas, so without padding no FOV is centred in
   the block's outer half-FOV shell and objects there are reached only by the edges of FOVs
   further in; in thin volumes (gala: 50 slices, FOV 33: centres only at z 16..33) most of the
-  block is such a shell. With "reflect", FOVs can be centred anywhere in the block, seeds are
-  kept inside it, and the segmentation is cropped back to it.
+  block is such a shell, and on FIB-25 that shell is where most of the merges are
+  (docs/benchmarks.md section 8). With "reflect" or "context", FOVs can be centred anywhere in
+  the block, seeds are kept inside it, and the segmentation is cropped back to it. "context"
+  lets a tile (or a box inside a larger volume) see its neighbours' image instead of a mirror.
   """
 
-  MODES = ("none", "reflect")
+  MODES = ("none", "reflect", "context")
 
   def __init__(self, config, model: dict):
     mode = str(config.get("border_padding", "none"))
     if mode not in self.MODES:
       raise UserError(f"border_padding must be one of {self.MODES}, got {mode!r}")
+    self.mode = mode
     half = np.asarray(model["fov_size_zyx"], np.int64) // 2
-    self.width = half if mode == "reflect" else np.zeros(3, np.int64)
+    self.width = half if mode != "none" else np.zeros(3, np.int64)
+
+  def read(self, volume, bbox) -> np.ndarray:
+    """``volume``'s block ``bbox`` = (start, size) with this padding around it."""
+    start, size = (np.asarray(v, np.int64) for v in bbox)
+    if self.mode != "context":
+      return self.pad(volume.read(tuple(start), tuple(size)))
+    shape = np.asarray(volume.shape[:3], np.int64)
+    lo = np.maximum(start - self.width, 0)
+    hi = np.minimum(start + size + self.width, shape)
+    block = volume.read(tuple(int(v) for v in lo), tuple(int(v) for v in hi - lo))
+    missing = [(int(a - (s - w)), int(s + n + w - b))
+               for a, b, s, n, w in zip(lo, hi, start, size, self.width)]
+    return np.pad(block, missing, mode="reflect") if any(any(m) for m in missing) else block
 
   def pad(self, block: np.ndarray | None, mode: str = "reflect") -> np.ndarray | None:
     if block is None or not self.width.any():
@@ -322,11 +339,12 @@ def run(config, workdir: str, predict_fn=None, prior: np.ndarray | None = None) 
   timers = {"time_model_load_s": t_model}
 
   t0 = time.perf_counter()
-  raw = source.read(*bbox)
-  image = border.pad((raw.astype(np.float32) - np.float32(mean)) / np.float32(sd))
+  padded = border.read(source, bbox)
+  raw = border.crop(padded)
+  image = (padded.astype(np.float32) - np.float32(mean)) / np.float32(sd)
   mask = None
   if config.mask:
-    mask = border.pad(volumes.open_volume(config.mask).read(*bbox) != 0)
+    mask = border.read(volumes.open_volume(config.mask), bbox) != 0
   timers["time_load_s"] = time.perf_counter() - t0
 
   batch_size = max(1, int(config.batch_size))
