@@ -405,3 +405,22 @@ def test_ranks_sharing_a_node_take_its_devices_in_turn():
   assert [parallel.pick_device(gpus, r) for r in range(6)] == gpus + gpus[:2]
   assert parallel.pick_device(["cpu0"], 3) == "cpu0"  # one visible device: every rank's
   assert parallel.node_rank(parallel.Dist()) == (0, 1)
+
+
+def test_context_padding_lets_tiles_label_their_inner_edges(assets, tmp_path):
+  """border_padding=context: a tile's canvas holds its neighbours' image, so its FOVs reach the
+  tile's faces (without padding no FOV is centred in the half-FOV shell inside each face)."""
+  labelled = {}
+  for padding in ("none", "context"):
+    proc = _infer(assets, tmp_path / padding, *TILES[:2], f"--config.border_padding={padding}")
+    assert proc.returncode == 0, proc.stderr
+    shell = []
+    for folder in sorted((tmp_path / padding / "tiles").iterdir()):
+      seg = volumes.open_volume(str(folder / "segmentation.zarr")).read()
+      inner = np.zeros(seg.shape, bool)
+      inner[4:-4, 4:-4, 4:-4] = True  # the tiny model's FOV is 9^3
+      shell.append((seg[~inner] > 0).mean())
+    labelled[padding] = np.mean(shell)
+    seg = volumes.open_volume(str(tmp_path / padding / "segmentation.zarr"))
+    assert seg.shape == (28, 27, 26) and seg.offset_zyx() == (1, 2, 3)
+  assert labelled["context"] > labelled["none"] + 0.1, labelled
