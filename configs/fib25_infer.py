@@ -82,6 +82,10 @@ def get_config() -> ml_collections.ConfigDict:
   # floods them on into itself (one ID per object across faces; ffn_jax.inference.tiled). On
   # training data (docs/benchmarks.md section 7) independent tiles agreed best with one pass.
   c.tile_mode = "independent"
+  # A tile's faces towards its neighbours get half a FOV of their image (whatever
+  # border_padding says), so its FOVs reach those faces as one pass's would; the job's outer
+  # faces follow border_padding. False: every tile is a box of its own (as before 2026-12-06).
+  c.tile_context = False
   c.stitch = ml_collections.ConfigDict()
   # Merge two tiles' segments when they share >= min_overlap_voxels voxels in the tiles' overlap
   # and that is >= min_fraction of each one's voxels there (> 0.5: one partner at most).

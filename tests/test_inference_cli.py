@@ -178,3 +178,15 @@ def test_context_padding_is_the_real_image_around_the_block_mirrored_past_the_vo
   edge = context.read(source, ((0, 2, 16), (20, 8, 6)))  # z: both volume ends; x: the far end
   want = np.pad(vol[:, 0:14, 12:22], ((4, 4), (2, 0), (0, 4)), mode="reflect")
   assert edge.shape == (28, 16, 14) and np.array_equal(edge, want)
+  # A tile's inner faces take the real image in any mode; its other faces follow the mode.
+  tile = BorderPadding({"border_padding": "none"}, {"fov_size_zyx": (9, 9, 9)},
+                       inner_lo=(True, False, False), inner_hi=(False, False, True))
+  block = tile.read(source, ((5, 6, 7), (8, 9, 10)))
+  assert tile.inner and np.array_equal(block, vol[1:13, 6:15, 7:21])
+  assert np.array_equal(tile.crop(block), vol[5:13, 6:15, 7:17])
+  coords = np.array([[3, 6, 7], [4, 8, 9], [11, 0, 0], [11, 8, 10]])  # canvas (12, 9, 14)
+  assert tile.inside(coords, block.shape).tolist() == [[4, 8, 9], [11, 0, 0]]
+  mirrored = BorderPadding({"border_padding": "reflect"}, {"fov_size_zyx": (9, 9, 9)},
+                           inner_lo=(True, False, False))
+  want = np.pad(vol[1:13, 6:15, 7:17], ((0, 4), (4, 4), (4, 4)), mode="reflect")
+  assert np.array_equal(mirrored.read(source, ((5, 6, 7), (8, 9, 10))), want)

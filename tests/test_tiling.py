@@ -407,20 +407,45 @@ def test_ranks_sharing_a_node_take_its_devices_in_turn():
   assert parallel.node_rank(parallel.Dist()) == (0, 1)
 
 
-def test_context_padding_lets_tiles_label_their_inner_edges(assets, tmp_path):
-  """border_padding=context: a tile's canvas holds its neighbours' image, so its FOVs reach the
-  tile's faces (without padding no FOV is centred in the half-FOV shell inside each face)."""
-  labelled = {}
-  for padding in ("none", "context"):
-    proc = _infer(assets, tmp_path / padding, *TILES[:2], f"--config.border_padding={padding}")
+def _shell_labelled(workdir, faces):
+  """Mean over tiles of the labelled share of the half-FOV shells inside the ``faces`` ("inner":
+  those towards a neighbour tile; "outer": those on the bbox's faces)."""
+  plan = json.loads((workdir / "tiling.json").read_text())
+  starts = np.array([t["start"] for t in plan["tiles"]])
+  lo_box, hi_box = starts.min(0), (starts + np.array([t["size"] for t in plan["tiles"]])).max(0)
+  shares = []
+  for t in plan["tiles"]:
+    tile = tiling.Tile.from_json(t)
+    seg = volumes.open_volume(str(workdir / "tiles" / tile.name / "segmentation.zarr")).read()
+    shell = np.zeros(seg.shape, bool)
+    for d in range(3):
+      for side, at_box in ((0, tile.start[d] == lo_box[d]), (1, tile.stop[d] == hi_box[d])):
+        if at_box == (faces == "outer"):
+          index = [slice(None)] * 3
+          index[d] = slice(0, 4) if side == 0 else slice(seg.shape[d] - 4, None)  # FOV 9^3
+          shell[tuple(index)] = True
+    shares.append((seg[shell] > 0).mean())
+  return float(np.mean(shares))
+
+
+def test_context_lets_tiles_label_their_inner_faces(assets, tmp_path):
+  """tile_context=True (or border_padding=context): a tile's canvas holds its neighbours' image,
+  so its FOVs reach the faces towards them (without, no FOV is centred in the half-FOV shell
+  inside each face); with tile_context alone the bbox's outer faces stay as without padding."""
+  runs = {"none": (), "tile_context": ("--config.tile_context=True",),
+          "context": ("--config.border_padding=context",)}
+  inner, outer = {}, {}
+  for name, extra in runs.items():
+    proc = _infer(assets, tmp_path / name, *TILES[:2], *extra)
     assert proc.returncode == 0, proc.stderr
-    shell = []
-    for folder in sorted((tmp_path / padding / "tiles").iterdir()):
-      seg = volumes.open_volume(str(folder / "segmentation.zarr")).read()
-      inner = np.zeros(seg.shape, bool)
-      inner[4:-4, 4:-4, 4:-4] = True  # the tiny model's FOV is 9^3
-      shell.append((seg[~inner] > 0).mean())
-    labelled[padding] = np.mean(shell)
-    seg = volumes.open_volume(str(tmp_path / padding / "segmentation.zarr"))
+    inner[name] = _shell_labelled(tmp_path / name, "inner")
+    outer[name] = _shell_labelled(tmp_path / name, "outer")
+    seg = volumes.open_volume(str(tmp_path / name / "segmentation.zarr"))
     assert seg.shape == (28, 27, 26) and seg.offset_zyx() == (1, 2, 3)
-  assert labelled["context"] > labelled["none"] + 0.1, labelled
+  assert inner["tile_context"] > inner["none"] + 0.1, inner
+  assert inner["context"] > inner["none"] + 0.1, inner
+  assert outer["tile_context"] == pytest.approx(outer["none"], abs=0.05), outer
+  assert outer["context"] > outer["none"] + 0.1, outer
+  # A workdir of tiles without context is another job's: refused, nothing overwritten.
+  refused = _infer(assets, tmp_path / "none", *TILES[:2], "--config.tile_context=True")
+  assert refused.returncode == 2 and "different" in refused.stderr, refused.stderr

@@ -122,41 +122,54 @@ class BorderPadding:
 
   MODES = ("none", "reflect", "context")
 
-  def __init__(self, config, model: dict):
+  def __init__(self, config, model: dict, inner_lo=(False,) * 3, inner_hi=(False,) * 3):
+    """``inner_lo``/``inner_hi``: per axis, whether the block's low/high face lies inside the
+    job (a tile's face towards a neighbour tile): it gets half a FOV of the real image whatever
+    the mode, so that the tile's FOVs reach it as they would in one pass."""
     mode = str(config.get("border_padding", "none"))
     if mode not in self.MODES:
       raise UserError(f"border_padding must be one of {self.MODES}, got {mode!r}")
     self.mode = mode
     half = np.asarray(model["fov_size_zyx"], np.int64) // 2
-    self.width = half if mode != "none" else np.zeros(3, np.int64)
+    base = half if mode != "none" else np.zeros(3, np.int64)
+    inner_lo, inner_hi = np.asarray(inner_lo, bool), np.asarray(inner_hi, bool)
+    self.lo = np.where(inner_lo, half, base)  # padding before the block, per axis
+    self.hi = np.where(inner_hi, half, base)  # and after it
+    self._real_lo = inner_lo | (mode == "context")
+    self._real_hi = inner_hi | (mode == "context")
+
+  @property
+  def inner(self) -> bool:
+    """Whether any face gets real image as a tile's inner face (recorded in the job identity)."""
+    return bool((self._real_lo | self._real_hi).any()) and self.mode != "context"
 
   def read(self, volume, bbox) -> np.ndarray:
-    """``volume``'s block ``bbox`` = (start, size) with this padding around it."""
+    """``volume``'s block ``bbox`` = (start, size) with this padding around it: the real image
+    where a face takes it and the volume has it, mirrored otherwise."""
     start, size = (np.asarray(v, np.int64) for v in bbox)
-    if self.mode != "context":
-      return self.pad(volume.read(tuple(start), tuple(size)))
+    stop = start + size
     shape = np.asarray(volume.shape[:3], np.int64)
-    lo = np.maximum(start - self.width, 0)
-    hi = np.minimum(start + size + self.width, shape)
+    want_lo, want_hi = start - self.lo, stop + self.hi
+    lo = np.where(self._real_lo, np.maximum(want_lo, 0), start)
+    hi = np.where(self._real_hi, np.minimum(want_hi, shape), stop)
     block = volume.read(tuple(int(v) for v in lo), tuple(int(v) for v in hi - lo))
-    missing = [(int(a - (s - w)), int(s + n + w - b))
-               for a, b, s, n, w in zip(lo, hi, start, size, self.width)]
+    missing = [(int(a - w), int(v - b)) for a, b, w, v in zip(lo, hi, want_lo, want_hi)]
     return np.pad(block, missing, mode="reflect") if any(any(m) for m in missing) else block
 
   def pad(self, block: np.ndarray | None, mode: str = "reflect") -> np.ndarray | None:
-    if block is None or not self.width.any():
+    if block is None or not (self.lo.any() or self.hi.any()):
       return block
-    return np.pad(block, [(int(w), int(w)) for w in self.width], mode=mode)
+    return np.pad(block, [(int(a), int(b)) for a, b in zip(self.lo, self.hi)], mode=mode)
 
   def crop(self, canvas_array: np.ndarray) -> np.ndarray:
-    return canvas_array[tuple(slice(int(w), s - int(w))
-                              for w, s in zip(self.width, canvas_array.shape))]
+    return canvas_array[tuple(slice(int(a), s - int(b))
+                              for a, b, s in zip(self.lo, self.hi, canvas_array.shape))]
 
   def inside(self, coords_N3: np.ndarray, canvas_shape) -> np.ndarray:
     """The canvas coordinates that lie in the block (not in the padding)."""
     coords_N3 = np.asarray(coords_N3, np.int64).reshape(-1, 3)
-    hi = np.asarray(canvas_shape) - self.width
-    return coords_N3[np.all((coords_N3 >= self.width) & (coords_N3 < hi), axis=1)]
+    hi = np.asarray(canvas_shape) - self.hi
+    return coords_N3[np.all((coords_N3 >= self.lo) & (coords_N3 < hi), axis=1)]
 
 
 def make_predictor(config, params, model: dict, conv_impl: str):
@@ -310,7 +323,8 @@ def _load_state(path: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------- run
-def run(config, workdir: str, predict_fn=None, prior: np.ndarray | None = None) -> dict:
+def run(config, workdir: str, predict_fn=None, prior: np.ndarray | None = None,
+        within=None) -> dict:
   """Segments the configured block; returns the counters (also written to counters.json).
 
   Args:
@@ -319,17 +333,25 @@ def run(config, workdir: str, predict_fn=None, prior: np.ndarray | None = None) 
     prior: labels 1..P of the block's shape to start from and continue before seeding (tiles:
       their neighbours' segments); new segments get IDs above P. A resumed run takes the prior
       saved with its state.
+    within: the (start, size) of the job this block is a tile of: faces of the block inside it
+      see half a FOV of the neighbouring image (``BorderPadding``), like FOVs of one pass.
   """
   t_start = time.perf_counter()
   workdir = os.path.abspath(workdir)
   options_from_config(config)  # bad thresholds fail before any slow work
   params, model, mean, sd, trained_dtype = load_model(config)
   route, compute_dtype, why = compute_route(config, trained_dtype)
-  border = BorderPadding(config, model)
   t_model = time.perf_counter() - t_start
   source, image_desc = load_image(config)
   bbox = resolve_bbox(source.shape, config.bbox_start_zyx, config.bbox_size_zyx)
+  inner_lo = inner_hi = (False,) * 3
+  if within is not None:
+    inner_lo = tuple(a > w for a, w in zip(bbox[0], within[0]))
+    inner_hi = tuple(a + n < w + m for a, n, w, m in zip(*bbox, *within))
+  border = BorderPadding(config, model, inner_lo, inner_hi)
   identity = job_identity(config, image_desc, bbox, model, mean, sd, compute_dtype)
+  if border.inner:
+    identity["inner_faces_zyx"] = [[int(v) for v in inner_lo], [int(v) for v in inner_hi]]
   os.makedirs(workdir, exist_ok=True)
   mode = _check_workdir(workdir, identity)
   if mode == "done":
@@ -431,7 +453,7 @@ def run(config, workdir: str, predict_fn=None, prior: np.ndarray | None = None) 
   volumes.write_zarr(os.path.join(workdir, SEGMENTATION), seg.astype(out_dtype),
                      attrs=segmentation_attrs(identity))
   segments = {str(sid): {"seed_zyx": [int(a + b - w) for a, b, w in
-                                      zip(o[0], bbox[0], border.width)],
+                                      zip(o[0], bbox[0], border.lo)],
                          "fov_iters": o[1], "voxels": o[2],
                          **({"continued": True} if sid <= canvas.n_prior else {}),
                          "overlaps": {str(int(i)): int(n) for i, n in zip(*canvas.overlaps[sid])}}

@@ -146,6 +146,9 @@ def run(config, workdir: str) -> dict:
   identity["tile_size_zyx"] = [int(v) for v in config.tile_size_zyx]
   identity["tile_overlap_zyx"] = [int(v) for v in config.tile_overlap_zyx]
   identity["tile_mode"] = mode
+  context = bool(config.get("tile_context", False))
+  if context:  # recorded only when on, so that earlier jobs' workdirs still resume
+    identity["tile_context"] = True
 
   dist = parallel.init()
   if dist.is_primary:
@@ -183,7 +186,7 @@ def run(config, workdir: str) -> dict:
           runner.write_json(os.path.join(folder, PRIOR),
                             {"links": [[tiles[i].name, int(a)] for i, a in links]})
         counters = runner.run(_tile_config(config, tile), folder, predict_fn=predictor,
-                              prior=prior)
+                              prior=prior, within=bbox if context else None)
         if not counters.get("complete"):
           break  # debug.stop_after_fov_calls: stopped as if killed
         done_here += 1
