@@ -35,7 +35,7 @@ def add_flood_settings(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   # "none": the canvas is the block (Google's). "reflect": the block mirrored by half a FOV on
   # each side, so FOVs can be centred up to its borders (thin volumes); cropped back after.
   # "context": half a FOV of the real image around the block where the volume has it (a tile
-  # sees its neighbours), mirrored past the volume's end. See docs/benchmarks.md section 8.
+  # sees its neighbours), mirrored past the volume's end. See docs/benchmarks.md section 7.
   c.border_padding = "none"
 
   # FOVs per device call = segments flooded at once. 1 reproduces Google's sequential order;

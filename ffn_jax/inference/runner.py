@@ -115,7 +115,7 @@ class BorderPadding:
   the block's outer half-FOV shell and objects there are reached only by the edges of FOVs
   further in; in thin volumes (gala: 50 slices, FOV 33: centres only at z 16..33) most of the
   block is such a shell, and on FIB-25 that shell is where most of the merges are
-  (docs/benchmarks.md section 8). With "reflect" or "context", FOVs can be centred anywhere in
+  (docs/benchmarks.md section 7). With "reflect" or "context", FOVs can be centred anywhere in
   the block, seeds are kept inside it, and the segmentation is cropped back to it. "context"
   lets a tile (or a box inside a larger volume) see its neighbours' image instead of a mirror.
   """
@@ -137,11 +137,8 @@ class BorderPadding:
     self.hi = np.where(inner_hi, half, base)  # and after it
     self._real_lo = inner_lo | (mode == "context")
     self._real_hi = inner_hi | (mode == "context")
-
-  @property
-  def inner(self) -> bool:
-    """Whether any face gets real image as a tile's inner face (recorded in the job identity)."""
-    return bool((self._real_lo | self._real_hi).any()) and self.mode != "context"
+    # Whether inner faces change the canvas (recorded in the job identity); "context" has them.
+    self.inner = bool((inner_lo | inner_hi).any()) and mode != "context"
 
   def read(self, volume, bbox) -> np.ndarray:
     """``volume``'s block ``bbox`` = (start, size) with this padding around it: the real image
