@@ -282,3 +282,33 @@ def test_gpu_check_runs_every_step_in_dry_mode():
     assert out["conv_stack"][f"jax_{dtype}"]["train_fovs_per_s"] > 0
     assert out["train"][dtype]["fovs_per_s"] > 0
   assert out["inference"]["dry"]["fov_calls"] > 0 and 0 <= out["inference"]["dry"]["vi"] < 10
+
+
+def test_border_study_scores_shells_by_distance_to_the_block_faces(tmp_path):
+  """A segmentation right except for one merge in its outer shell: the error shows in the
+  0-2 shell only, and the whole-volume reference is scored on the same box and shells."""
+  import numpy as np
+
+  from ffn_jax.data import volumes
+  border_study = _load("border_study")
+  assert border_study.edge_distance((5, 4, 6))[2, 1, 3] == 1
+  assert border_study.edge_distance((5, 4, 6)).max() == 1
+  truth = np.zeros((12, 12, 12), np.uint32)
+  truth[:, :6], truth[:, 6:] = 1, 2
+  volumes.write_zarr(str(tmp_path / "truth.zarr"), truth)
+  volumes.write_zarr(str(tmp_path / "reference.zarr"), truth)
+  seg = truth[2:10, 2:10, 2:10].copy()
+  seg[0] = 1  # merges the two objects in the first slice of the box
+  volumes.write_zarr(str(tmp_path / "seg.zarr"), seg, attrs={"offset_zyx": [2, 2, 2]})
+  result = border_study.main([str(tmp_path / "seg.zarr"), "--truth", str(tmp_path / "truth.zarr"),
+                              "--reference", str(tmp_path / "reference.zarr"), "--shells", "0,2"])
+  rows = result[str(tmp_path / "seg.zarr")]
+  assert rows["offset_zyx"] == [2, 2, 2] and rows["shape_zyx"] == [8, 8, 8]
+  assert rows["segmentation"]["0-2"]["vi_merge"] > 0.1
+  assert rows["segmentation"]["2-"]["vi"] == 0 and rows["reference"]["all"]["vi"] == 0
+  assert rows["segmentation"]["0-2"]["fraction"] == round(1 - 4**3 / 8**3, 3)
+  proc = subprocess.run([sys.executable, "bench/border_study.py", str(tmp_path / "seg.zarr"),
+                         "--truth", str(tmp_path / "truth.zarr"), "--shells", "2,4"], cwd=REPO,
+                        env=cli_env(), capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and proc.stderr.strip().startswith("error:"), proc.stderr
+  assert "--shells" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
