@@ -44,10 +44,10 @@ def score(seg: np.ndarray, truth: np.ndarray) -> dict:
 def study(seg: np.ndarray, truth: np.ndarray, shells) -> dict:
   dist = edge_distance(seg.shape)
   out = {"all": score(seg, truth)}
-  for lo, hi in shells:
-    sel = (dist >= lo) & (dist < hi)
+  for lo, hi in shells:  # hi None: to the centre
+    sel = (dist >= lo) if hi is None else (dist >= lo) & (dist < hi)
     if sel.any():
-      out[f"{lo}-{hi if hi < 10**6 else ''}"] = {**score(seg[sel], truth[sel]),
+      out[f"{lo}-{'' if hi is None else hi}"] = {**score(seg[sel], truth[sel]),
                                                  "fraction": round(float(sel.mean()), 3)}
   return out
 
@@ -56,7 +56,7 @@ def _shells(text: str):
   edges = [int(v) for v in text.split(",")]
   if edges != sorted(set(edges)) or edges[0] != 0:
     raise UserError(f"--shells must be increasing distances starting at 0, got {text!r}")
-  return list(zip(edges, edges[1:] + [10**6]))
+  return list(zip(edges, edges[1:] + [None]))
 
 
 def main(argv=None) -> dict:

@@ -129,7 +129,6 @@ class BorderPadding:
     mode = str(config.get("border_padding", "none"))
     if mode not in self.MODES:
       raise UserError(f"border_padding must be one of {self.MODES}, got {mode!r}")
-    self.mode = mode
     half = np.asarray(model["fov_size_zyx"], np.int64) // 2
     base = half if mode != "none" else np.zeros(3, np.int64)
     inner_lo, inner_hi = np.asarray(inner_lo, bool), np.asarray(inner_hi, bool)
