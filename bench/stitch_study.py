@@ -9,7 +9,8 @@ each rule ``MIN_VOXELS,MIN_FRACTION,MARGIN[,JOIN_FRACTION]`` (``stitch.min_overl
 (``tiling.stitch_tables``), nothing is written. Each result is compared with ``--reference``,
 normally a single-pass segmentation of the same box: VI between the two, and how many
 reference segments (>= 1000 voxels) the stitched one splits and how many stitched segments
-merge reference ones; with ``--truth``, VI / ARE against the labels (all voxels, unlabelled as
+merge reference ones, with why each split object is split (``explain_splits``: declined by the
+rule's thresholds, split inside one tile, left unlabelled, or no shared voxels); with ``--truth``, VI / ARE against the labels (all voxels, unlabelled as
 one segment, as ``ffn_jax.evaluate --truth-zero as-segment``). A reference or truth larger
 than the box is cropped to it (volume coordinates: the box's ``bbox_start_zyx`` less the
 volume's recorded offset). Tune the rule against a single pass on training data (e.g. the
@@ -53,13 +54,73 @@ def load_tiles(workdir: str):
 
 
 def stitched(tiles, start, size, read, min_overlap_voxels, min_fraction, margin, links=()):
-  """The stitched volume of the box, in memory, and the number of merges by the rule."""
+  """The stitched volume of the box, in memory, its per-tile tables local -> global ID, and the
+  number of merges by the rule."""
   result = tiling.stitch_tables(tiles, read, start, size, min_overlap_voxels, min_fraction,
                                 margin, links)
   out = np.zeros(size, np.uint64)
   for core_start, core in tiling.cores(tiles, result.tables, read):
     out[tuple(slice(a - b, a - b + n) for a, b, n in zip(core_start, start, core.shape))] = core
-  return out, len(result.merges)
+  return out, result.tables, len(result.merges)
+
+
+SPLIT_REASONS = ("rule", "within_tile", "unlabelled", "no_shared_voxels")
+
+
+def explain_splits(tiles, start, size, read, tables, reference, margin, min_size=1000,
+                   min_part=0.1) -> dict:
+  """Why the stitched result cuts each reference object it splits (as
+  ``evaluation.split_objects`` counts them), judged on the object's two largest parts:
+
+  - ``rule``: the parts come from different tiles whose segments share voxels in the region the
+    rule compares (``tiling.match_region``), and the thresholds declined the pair;
+  - ``within_tile``: one tile's own segmentation holds both parts in its core;
+  - ``unlabelled``: one part is left unlabelled (0) in the output;
+  - ``no_shared_voxels``: the parts come from different tiles whose segments share no voxel
+    where the rule compares them (the tiles segmented the object differently there).
+
+  Returns {reason: objects} with every reason present (0 when none).
+  """
+  # (reference ID, global ID) -> voxels, and global ID -> {(tile, local ID)} inside each object.
+  ref_ids, glob_ids, tile_ids, local_ids, counts = [], [], [], [], []
+  for k, t in enumerate(tiles):
+    local = read(k, t.core_start, t.core_size).astype(np.int64)
+    ref = reference[tuple(slice(a - b, a - b + n)
+                          for a, b, n in zip(t.core_start, start, t.core_size))].astype(np.int64)
+    keys, n = np.unique(np.stack([ref.ravel(), local.ravel()]), axis=1, return_counts=True)
+    ref_ids.append(keys[0])
+    local_ids.append(keys[1])
+    glob_ids.append(tables[k][keys[1]].astype(np.int64))
+    tile_ids.append(np.full(len(n), k))
+    counts.append(n)
+  ref_ids, glob_ids, tile_ids, local_ids, counts = map(
+      np.concatenate, (ref_ids, glob_ids, tile_ids, local_ids, counts))
+  reasons = dict.fromkeys(SPLIT_REASONS, 0)
+  for r in np.unique(ref_ids[ref_ids > 0]):
+    rows = ref_ids == r
+    total = counts[rows].sum()
+    parts, part_inv = np.unique(glob_ids[rows], return_inverse=True)
+    part_sizes = np.bincount(part_inv, weights=counts[rows])
+    if total < min_size or np.sum(part_sizes >= min_part * total) < 2:
+      continue
+    p, q = parts[np.argsort(-part_sizes, kind="stable")[:2]]
+    if 0 in (p, q):
+      reasons["unlabelled"] += 1
+      continue
+    src = {g: {(int(k), int(a)) for k, a in zip(tile_ids[rows][glob_ids[rows] == g],
+                                               local_ids[rows][glob_ids[rows] == g])}
+           for g in (p, q)}
+    if {k for k, _ in src[p]} & {k for k, _ in src[q]}:
+      reasons["within_tile"] += 1
+      continue
+    shared = False
+    for i, a in src[p]:
+      for j, b in src[q]:
+        region = tiling.match_region(tiles[i], tiles[j], start, size, margin)
+        if region is not None and np.any((read(i, *region) == a) & (read(j, *region) == b)):
+          shared = True
+    reasons["rule" if shared else "no_shared_voxels"] += 1
+  return reasons
 
 
 def read_box(path: str, start, size) -> np.ndarray:
@@ -92,8 +153,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     links = tiled.prior_links(args.tiled, tiles, read, int(voxels),
                               float(join[0]) if join else JOIN_FRACTION)
-    seg, merges = stitched(tiles, start, size, read, int(voxels), float(fraction), int(margin),
-                           links)
+    seg, tables, merges = stitched(tiles, start, size, read, int(voxels), float(fraction),
+                                   int(margin), links)
     vs = evaluation.evaluate_segmentation(seg, reference)
     row = {"rule": rule, "merges": merges, "segments": vs["segments_pred"],
            "vi_vs_reference": vs["vi"], "split_vs_reference": vs["vi_split"],
@@ -101,6 +162,8 @@ def main(argv=None) -> int:
            "reference_objects_split": evaluation.split_objects(reference, seg),
            "objects_merging_reference": evaluation.split_objects(seg, reference),
            "stitch_s": time.perf_counter() - t0}
+    row.update({f"split_{k}": v for k, v in explain_splits(tiles, start, size, read, tables,
+                                                           reference, int(margin)).items()})
     if truth is not None:
       m = evaluation.evaluate_segmentation(seg, truth)
       row.update(vi=m["vi"], vi_split=m["vi_split"], vi_merge=m["vi_merge"], are=m["are"])
@@ -110,6 +173,7 @@ def main(argv=None) -> int:
         f"{args.reference}; CPU {_common.cpu_model()}")
   cols = ["rule", "merges", "segments", "vi_vs_reference", "split_vs_reference",
           "merge_vs_reference", "reference_objects_split", "objects_merging_reference"]
+  cols += [f"split_{k}" for k in SPLIT_REASONS]
   if truth is not None:
     cols += ["vi", "vi_split", "vi_merge", "are"]
   print(" | ".join(cols))

@@ -1,5 +1,6 @@
 """Whole-volume inference: the tile plan, stitching into global IDs, and the tiled infer.py run
 (one rank, two ranks, resume, precomputed output, bad sizes)."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -167,10 +168,50 @@ def test_stitch_study_restitches_the_kept_tiles_with_each_rule(tmp_path):
   no_margin, margin = rows[1], rows[2]
   # Each sliver joins the other tile's piece, but the two pieces never join each other.
   assert no_margin["merges"] == 2 and no_margin["reference_objects_split"] == 1
+  # The two halves' segments share 200 voxels in the overlap: the thresholds declined them.
+  assert [no_margin[f"split_{k}"] for k in ("rule", "within_tile", "unlabelled",
+                                            "no_shared_voxels")] == [1, 0, 0, 0]
   assert no_margin["vi_vs_reference"] == pytest.approx(1.0, abs=0.01)  # two halves: 1 bit
   assert margin["merges"] == 1 and margin["reference_objects_split"] == 0
   assert margin["vi_vs_reference"] == pytest.approx(0.0, abs=1e-9) == margin["vi"]
   assert margin["objects_merging_reference"] == 0
+
+
+def _stitch_study():
+  spec = importlib.util.spec_from_file_location("stitch_study", REPO / "bench" / "stitch_study.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize("case,reason", [("split", "within_tile"), ("hole", "unlabelled"),
+                                         ("shifted", "no_shared_voxels")])
+def test_stitch_study_says_why_each_reference_object_is_split(tmp_path, case, reason):
+  truth = _truth()
+  tiles = tiling.plan((0, 0, 0), truth.shape, (14, 14, 14), (4, 4, 4))
+  _write_tiles(tmp_path, truth, tiles, split=0 if case == "split" else None)
+  # Tile z0_y1_x0's core holds a quarter of object 2 (y >= 12, z and x < 12).
+  k = [t.name for t in tiles].index("z0_y1_x0")
+  path = str(tmp_path / "tiles" / tiles[k].name / "segmentation.zarr")
+  seg = volumes.open_volume(path).read()
+  obj = seg[0, -1, 0]  # object 2's local ID in that tile
+  if case == "hole":
+    seg[seg == obj] = 0
+  elif case == "shifted":  # the tile labels object 2 only where no neighbour's box reaches
+    alone = np.zeros(seg.shape, bool)
+    alone[:10, 4:, :10] = True
+    seg[(seg == obj) & ~alone] = 0
+  if case != "split":
+    volumes.write_zarr(path, seg)
+  (tmp_path / "tiling.json").write_text(json.dumps({
+      "identity": {"bbox_start_zyx": [0, 0, 0], "bbox_size_zyx": list(truth.shape)},
+      "tiles": [t.to_json() for t in tiles]}))
+  study = _stitch_study()
+  _, start, size, read = study.load_tiles(str(tmp_path))
+  out, tables, _ = study.stitched(tiles, start, size, read, 10, 0.6, 0)
+  assert evaluation.split_objects(truth, out) == 1
+  reasons = study.explain_splits(tiles, start, size, read, tables, truth, margin=0)
+  assert reasons == {**dict.fromkeys(study.SPLIT_REASONS, 0), reason: 1}
 
 
 def test_strict_thresholds_leave_the_tiles_apart_and_restitching_needs_a_new_name(tmp_path):
