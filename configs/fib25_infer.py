@@ -86,6 +86,13 @@ def get_config() -> ml_collections.ConfigDict:
   # border_padding says), so its FOVs reach those faces as one pass's would; the job's outer
   # faces follow border_padding. False: every tile is a box of its own (as before 2026-12-06).
   c.tile_context = False
+  # Where tiles get their seeds. "job": rank 0 runs seed_policy once over the whole bbox (as one
+  # pass would) and each tile tries those in its block, in that order; "tile": each tile runs the
+  # policy on its own block (PolicyPeaks then moves seeds by a voxel or two: its tie-breaking
+  # noise depends on the block's shape), so tiles agree less with one pass (docs/benchmarks.md
+  # section 7). "auto": job for bboxes up to 512^3 voxels (~30 bytes per voxel on rank 0), tile
+  # above. Workdirs of tiles made before 2026-12-06 used "tile".
+  c.tile_seeds = "auto"
   c.stitch = ml_collections.ConfigDict()
   # Merge two tiles' segments when they share >= min_overlap_voxels voxels in the tiles' overlap
   # and that is >= min_fraction of each one's voxels there (> 0.5: one partner at most).

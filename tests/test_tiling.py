@@ -432,6 +432,7 @@ def test_tiled_run_one_and_two_ranks_and_resume(assets, tmp_path):
     (("--config.tile_size_zyx=(22,22,22)", "--config.tile_overlap_zyx=(10,9,10)",
       "--config.tile_mode=continue"), "above the FOV"),
     (TILES + ("--config.stitch.join_fraction=0.5",), "join_fraction"),
+    (TILES + ("--config.tile_seeds=global",), "tile_seeds"),
 ])
 def test_bad_tiling_settings_are_one_line_exit_2(assets, tmp_path, extra, text):
   proc = _infer(assets, tmp_path / "bad", *extra)
@@ -489,4 +490,27 @@ def test_context_lets_tiles_label_their_inner_faces(assets, tmp_path):
   assert outer["context"] > outer["none"] + 0.1, outer
   # A workdir of tiles without context is another job's: refused, nothing overwritten.
   refused = _infer(assets, tmp_path / "none", *TILES[:2], "--config.tile_context=True")
+  assert refused.returncode == 2 and "different" in refused.stderr, refused.stderr
+
+
+def test_tiles_take_the_single_passs_seeds_with_tile_seeds_job(assets, tmp_path):
+  """tile_seeds=job (auto, on a bbox this small): the seed policy runs once over the bbox, as the
+  single pass does, and each tile tries exactly those of its seeds that lie in its block."""
+  single = _infer(assets, tmp_path / "single")
+  assert single.returncode == 0, single.stderr
+  n_single = json.loads((tmp_path / "single" / "counters.json").read_text())["seeds_total"]
+  for choice in ("auto", "tile"):
+    proc = _infer(assets, tmp_path / choice, *TILES[:2], f"--config.tile_seeds={choice}")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads((tmp_path / choice / "tiling.json").read_text())
+    assert plan["identity"].get("tile_seeds") == ("job" if choice == "auto" else None)
+    assert (tmp_path / choice / "seeds.npy").exists() == (choice == "auto")
+  seeds = np.load(tmp_path / "auto" / "seeds.npy")
+  assert len(seeds) == n_single > 0
+  for t in map(tiling.Tile.from_json, plan["tiles"]):
+    inside = np.all((seeds >= t.start) & (seeds < np.add(t.start, t.size)), axis=1)
+    counters = json.loads((tmp_path / "auto" / "tiles" / t.name / "counters.json").read_text())
+    assert counters["seeds_total"] == inside.sum() > 0, t.name
+  # The tiles of one choice are another job's for the other: refused, nothing overwritten.
+  refused = _infer(assets, tmp_path / "tile", *TILES[:2], "--config.tile_seeds=job")
   assert refused.returncode == 2 and "different" in refused.stderr, refused.stderr

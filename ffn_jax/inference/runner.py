@@ -106,6 +106,29 @@ def seed_coords(config, image: np.ndarray, mask: np.ndarray | None = None) -> np
       int(config.seed_min_distance), int(config.grid_step), tuple(config.grid_offsets))
 
 
+def canvas_inputs(config, border: "BorderPadding", source, bbox, mean: float, sd: float):
+  """(raw padded image, normalized float32 image, bool mask or None) of block ``bbox`` on its
+  canvas (``border``'s padding around it)."""
+  padded = border.read(source, bbox)
+  image = (padded.astype(np.float32) - np.float32(mean)) / np.float32(sd)
+  mask = None
+  if config.mask:
+    mask = border.read(volumes.open_volume(config.mask), bbox) != 0
+  return padded, image, mask
+
+
+def job_seeds(config, model: dict, source, bbox, mean: float, sd: float) -> np.ndarray:
+  """The seed policy's positions over the whole block ``bbox``, on the canvas one pass over it
+  would use (``border_padding``): int64 [N, 3], volume coordinates (zyx), in the order that pass
+  tries them. Tiles given these (``run(seeds_zyx=...)``) try the single pass's seeds in its
+  order; each tile's own policy would place them differently: PolicyPeaks breaks ties with noise
+  drawn over the whole canvas, and its edge filter reaches across tile faces."""
+  border = BorderPadding(config, model)
+  _, image, mask = canvas_inputs(config, border, source, bbox, mean, sd)
+  coords = border.inside(seed_coords(config, image, mask), image.shape)
+  return coords - border.lo + np.asarray(bbox[0], np.int64)
+
+
 class BorderPadding:
   """The canvas around a block: ``border_padding`` "none" (Google's: the canvas is the block),
   "reflect" (the block mirrored by half a FOV on every side) or "context" (half a FOV of the
@@ -320,7 +343,7 @@ def _load_state(path: str) -> dict:
 
 # ------------------------------------------------------------------------------------- run
 def run(config, workdir: str, predict_fn=None, prior: np.ndarray | None = None,
-        within=None) -> dict:
+        within=None, seeds_zyx: np.ndarray | None = None) -> dict:
   """Segments the configured block; returns the counters (also written to counters.json).
 
   Args:
@@ -331,6 +354,9 @@ def run(config, workdir: str, predict_fn=None, prior: np.ndarray | None = None,
       saved with its state.
     within: the (start, size) of the job this block is a tile of: faces of the block inside it
       see half a FOV of the neighbouring image (``BorderPadding``), like FOVs of one pass.
+    seeds_zyx: seed positions in volume coordinates (zyx), in the order to try them, instead of
+      the seed policy on this block (tiles: the policy's seeds over the whole job, ``job_seeds``);
+      those outside the block are dropped.
   """
   t_start = time.perf_counter()
   workdir = os.path.abspath(workdir)
@@ -348,6 +374,8 @@ def run(config, workdir: str, predict_fn=None, prior: np.ndarray | None = None,
   identity = job_identity(config, image_desc, bbox, model, mean, sd, compute_dtype)
   if border.inner:
     identity["inner_faces_zyx"] = [[int(v) for v in inner_lo], [int(v) for v in inner_hi]]
+  if seeds_zyx is not None:
+    identity["seeds"] = "job"
   os.makedirs(workdir, exist_ok=True)
   mode = _check_workdir(workdir, identity)
   if mode == "done":
@@ -357,12 +385,8 @@ def run(config, workdir: str, predict_fn=None, prior: np.ndarray | None = None,
   timers = {"time_model_load_s": t_model}
 
   t0 = time.perf_counter()
-  padded = border.read(source, bbox)
+  padded, image, mask = canvas_inputs(config, border, source, bbox, mean, sd)
   raw = border.crop(padded)
-  image = (padded.astype(np.float32) - np.float32(mean)) / np.float32(sd)
-  mask = None
-  if config.mask:
-    mask = border.read(volumes.open_volume(config.mask), bbox) != 0
   timers["time_load_s"] = time.perf_counter() - t0
 
   batch_size = max(1, int(config.batch_size))
@@ -384,10 +408,17 @@ def run(config, workdir: str, predict_fn=None, prior: np.ndarray | None = None,
          f"{canvas.counters.get('segments', 0)} segments")
   else:
     t0 = time.perf_counter()
-    coords = border.inside(seed_coords(config, image, mask), image.shape)
+    if seeds_zyx is None:
+      coords = seed_coords(config, image, mask)
+    else:  # volume -> canvas coordinates
+      coords = np.asarray(seeds_zyx, np.int64).reshape(-1, 3) - np.asarray(bbox[0]) + border.lo
+    coords = border.inside(coords, image.shape)
     canvas.set_seeds(coords)
     timers["time_seed_policy_s"] = time.perf_counter() - t0
-    _log(f"{config.seed_policy}: {len(coords)} seeds in {timers['time_seed_policy_s']:.1f} s")
+    if seeds_zyx is None:
+      _log(f"{config.seed_policy}: {len(coords)} seeds in {timers['time_seed_policy_s']:.1f} s")
+    else:
+      _log(f"{config.seed_policy}: {len(coords)} of the job's seeds lie in this block")
   for k, v in timers.items():
     canvas.count(k, v)
 

@@ -25,12 +25,19 @@ the half-FOV shell inside each face only with the edges of FOVs further in, and 
 tiles differed most from one pass (docs/benchmarks.md section 7). ``border_padding`` still
 decides the bbox's own outer faces.
 
+``tile_seeds=job`` (``auto`` up to 512³ voxels): rank 0 runs the seed policy once over the whole
+bbox, on the canvas one pass would use, and every tile tries the seeds in its block in that
+order (``runner.job_seeds``). A tile's own PolicyPeaks moves seeds by a voxel or two (its
+tie-breaking noise is drawn over the block's shape, its edge filter reaches across the faces),
+and FFN's floods depend on exactly where they start.
+
 ``WORKDIR`` holds:
 
 - ``tiling.json``: the job and the tile plan (a rerun of another job is refused);
 - ``tiles/<z_y_x>/``: each tile's run (``segmentation.zarr``, ``counters.json``, ...), kept, so
   that ``stitch.*`` can be changed and stitching redone without segmenting again; a tile that
   continued its neighbours' segments also has ``prior.json`` (its local ID k -> [tile, ID]);
+- ``seeds.npy``: the job's seeds (volume zyx) with ``tile_seeds=job``;
 - ``claims/<launch>/``: which rank took which tile in each launch;
 - the stitched volume (``stitch.output``, default ``segmentation.zarr``, or a neuroglancer
   precomputed folder with ``output_format=precomputed``), recording its offset, voxel size and
@@ -42,6 +49,7 @@ A killed job, or a dead rank, loses at most the tiles in flight (each resumes fr
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import uuid
@@ -55,6 +63,11 @@ from ffn_jax.inference import runner, tiling
 TILING = "tiling.json"
 PRIOR = "prior.json"
 TILE_MODES = ("continue", "independent")
+TILE_SEEDS = ("auto", "job", "tile")
+SEEDS = "seeds.npy"
+# tile_seeds=auto: rank 0 runs the seed policy over bboxes up to this size (512^3; PolicyPeaks
+# needs about 30 bytes per voxel of the padded bbox, ~4 GB here), and each tile its own above.
+JOB_SEEDS_MAX_VOXELS = 512 ** 3
 
 
 def _log(msg: str) -> None:
@@ -74,6 +87,17 @@ def _tile_config(config, tile: tiling.Tile):
   c.preview_slices = 0
   c.lock()
   return c
+
+
+def _seeds_from_job(config, bbox) -> bool:
+  """Whether the tiles take their seeds from the seed policy over the whole bbox
+  (``tile_seeds``: "job", "tile", or "auto": job up to ``JOB_SEEDS_MAX_VOXELS``)."""
+  choice = str(config.get("tile_seeds", "tile"))
+  if choice not in TILE_SEEDS:
+    raise UserError(f"tile_seeds must be one of {TILE_SEEDS}, got {choice!r}")
+  if choice == "auto":
+    return math.prod(bbox[1]) <= JOB_SEEDS_MAX_VOXELS
+  return choice == "job"
 
 
 def _stitch_settings(config) -> dict:
@@ -155,6 +179,9 @@ def run(config, workdir: str) -> dict:
   context = bool(config.get("tile_context", False))
   if context:  # recorded only when on, so that earlier jobs' workdirs still resume
     identity["tile_context"] = True
+  seeds_from_job = _seeds_from_job(config, bbox)
+  if seeds_from_job:  # likewise
+    identity["tile_seeds"] = "job"
 
   dist = parallel.init()
   if dist.is_primary:
@@ -167,7 +194,18 @@ def run(config, workdir: str) -> dict:
     _log(f"{len(tiles)} tiles of {tuple(config.tile_size_zyx)} (overlap "
          f"{tuple(config.tile_overlap_zyx)}, {mode}) over {dist.size} rank(s); compute: "
          f"{compute_dtype}, route {route} ({why})")
-  dist.bcast(None)  # the claims folder exists before anyone claims
+  seeds_path = os.path.join(workdir, SEEDS)
+  if seeds_from_job and dist.is_primary and not os.path.exists(seeds_path) and not all(
+      _tile_done(workdir, t) for t in tiles):
+    t_seeds = time.perf_counter()
+    seeds = runner.job_seeds(config, model, source, bbox, mean, sd)
+    tmp = f"{seeds_path}.{os.getpid()}.tmp.npy"
+    np.save(tmp, seeds)
+    os.replace(tmp, seeds_path)
+    _log(f"{config.seed_policy} over the whole bbox: {len(seeds)} seeds in "
+         f"{time.perf_counter() - t_seeds:.1f} s (tile_seeds=job)")
+  dist.bcast(None)  # the claims folder (and seeds.npy) exist before anyone claims
+  job_seeds = np.load(seeds_path) if os.path.exists(seeds_path) and seeds_from_job else None
 
   device = parallel.rank_device(dist)
   if dist.size > 1 and device.platform != "cpu":
@@ -192,7 +230,8 @@ def run(config, workdir: str) -> dict:
           runner.write_json(os.path.join(folder, PRIOR),
                             {"links": [[tiles[i].name, int(a)] for i, a in links]})
         counters = runner.run(_tile_config(config, tile), folder, predict_fn=predictor,
-                              prior=prior, within=bbox if context else None)
+                              prior=prior, within=bbox if context else None,
+                              seeds_zyx=job_seeds)
         if not counters.get("complete"):
           break  # debug.stop_after_fov_calls: stopped as if killed
         done_here += 1
