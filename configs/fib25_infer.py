@@ -90,7 +90,7 @@ def get_config() -> ml_collections.ConfigDict:
   # pass would) and each tile tries those in its block, in that order; "tile": each tile runs the
   # policy on its own block (PolicyPeaks then moves seeds by a voxel or two: its tie-breaking
   # noise depends on the block's shape), so tiles agree less with one pass (docs/benchmarks.md
-  # section 7). "auto": job for bboxes up to 512^3 voxels (~30 bytes per voxel on rank 0), tile
+  # section 7). "auto": job for bboxes up to 384^3 voxels (~75 bytes per voxel on rank 0), tile
   # above. Workdirs of tiles made before 2026-12-06 used "tile".
   c.tile_seeds = "auto"
   c.stitch = ml_collections.ConfigDict()

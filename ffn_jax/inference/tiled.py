@@ -25,7 +25,7 @@ the half-FOV shell inside each face only with the edges of FOVs further in, and 
 tiles differed most from one pass (docs/benchmarks.md section 7). ``border_padding`` still
 decides the bbox's own outer faces.
 
-``tile_seeds=job`` (``auto`` up to 512³ voxels): rank 0 runs the seed policy once over the whole
+``tile_seeds=job`` (``auto`` up to 384³ voxels): rank 0 runs the seed policy once over the whole
 bbox, on the canvas one pass would use, and every tile tries the seeds in its block in that
 order (``runner.job_seeds``). A tile's own PolicyPeaks moves seeds by a voxel or two (its
 tie-breaking noise is drawn over the block's shape, its edge filter reaches across the faces),
@@ -65,9 +65,9 @@ PRIOR = "prior.json"
 TILE_MODES = ("continue", "independent")
 TILE_SEEDS = ("auto", "job", "tile")
 SEEDS = "seeds.npy"
-# tile_seeds=auto: rank 0 runs the seed policy over bboxes up to this size (512^3; PolicyPeaks
-# needs about 30 bytes per voxel of the padded bbox, ~4 GB here), and each tile its own above.
-JOB_SEEDS_MAX_VOXELS = 512 ** 3
+# tile_seeds=auto: rank 0 runs the seed policy over bboxes up to this size (384^3: PolicyPeaks
+# peaks at ~75 bytes per voxel of the padded bbox, ~4.5 GB here), and each tile its own above.
+JOB_SEEDS_MAX_VOXELS = 384 ** 3
 
 
 def _log(msg: str) -> None:
