@@ -205,7 +205,9 @@ def run(config, workdir: str) -> dict:
     _log(f"{config.seed_policy} over the whole bbox: {len(seeds)} seeds in "
          f"{time.perf_counter() - t_seeds:.1f} s (tile_seeds=job)")
   dist.bcast(None)  # the claims folder (and seeds.npy) exist before anyone claims
-  job_seeds = np.load(seeds_path) if os.path.exists(seeds_path) and seeds_from_job else None
+  job_seeds = None
+  if seeds_from_job and os.path.exists(seeds_path):
+    job_seeds = np.load(seeds_path, allow_pickle=False)
 
   device = parallel.rank_device(dist)
   if dist.size > 1 and device.platform != "cpu":
