@@ -5,13 +5,14 @@
 
 ``--tiled`` is the workdir of a finished tiled ``infer.py`` run (its tiles and ``tiling.json``);
 each rule ``MIN_VOXELS,MIN_FRACTION,MARGIN[,JOIN_FRACTION]`` (``stitch.min_overlap_voxels``,
-``stitch.min_fraction``, ``stitch.margin``, ``stitch.join_fraction``) is stitched with the code ``infer.py`` uses
-(``tiling.stitch_tables``), nothing is written. Each result is compared with ``--reference``,
-normally a single-pass segmentation of the same box: VI between the two, and how many
-reference segments (>= 1000 voxels) the stitched one splits and how many stitched segments
-merge reference ones, with why each split object is split (``explain_splits``: declined by the
-rule's thresholds, split inside one tile, left unlabelled, or no shared voxels); with ``--truth``, VI / ARE against the labels (all voxels, unlabelled as
-one segment, as ``ffn_jax.evaluate --truth-zero as-segment``). A reference or truth larger
+``stitch.min_fraction``, ``stitch.margin``, ``stitch.join_fraction``) is stitched with the code
+``infer.py`` uses (``tiling.stitch_tables``), nothing is written. Each result is compared with
+``--reference``, normally a single-pass segmentation of the same box: VI between the two, how
+many reference segments (>= 1000 voxels) the stitched one splits and why (``explain_splits``:
+declined by the rule's thresholds, split inside one tile, left unlabelled, or no shared
+voxels), and how many stitched segments merge reference ones; with ``--truth``, VI / ARE
+against the labels (all voxels, unlabelled as one segment, as ``ffn_jax.evaluate --truth-zero
+as-segment``). A reference or truth larger
 than the box is cropped to it (volume coordinates: the box's ``bbox_start_zyx`` less the
 volume's recorded offset). Tune the rule against a single pass on training data (e.g. the
 unlabelled fib25_training_sample1), not on evaluation crops. Last line: one JSON object.
@@ -113,12 +114,10 @@ def explain_splits(tiles, start, size, read, tables, reference, margin, min_size
     if {k for k, _ in src[p]} & {k for k, _ in src[q]}:
       reasons["within_tile"] += 1
       continue
-    shared = False
-    for i, a in src[p]:
-      for j, b in src[q]:
-        region = tiling.match_region(tiles[i], tiles[j], start, size, margin)
-        if region is not None and np.any((read(i, *region) == a) & (read(j, *region) == b)):
-          shared = True
+    regions = [(i, a, j, b, tiling.match_region(tiles[i], tiles[j], start, size, margin))
+               for i, a in src[p] for j, b in src[q]]
+    shared = any(np.any((read(i, *region) == a) & (read(j, *region) == b))
+                 for i, a, j, b, region in regions if region is not None)
     reasons["rule" if shared else "no_shared_voxels"] += 1
   return reasons
 

@@ -1,6 +1,7 @@
 """Shared test helpers: repo paths, the shared data folder, running the CLIs in subprocesses."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -13,6 +14,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FFN_SHARED_DATA", REPO.parent / "shared" / "data"))
 BIN = Path(sys.executable).parent
+
+
+def load_bench(name: str):
+  """The script ``bench/<name>.py`` as a module (bench/ is not a package)."""
+  spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def shared_data(*parts) -> Path:

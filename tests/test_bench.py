@@ -6,20 +6,13 @@ import sys
 
 import pytest
 
-from conftest import REPO, cli_env, shared_data
+from conftest import REPO, cli_env, load_bench, shared_data
 
 
-def _load(name):
-  spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-common = _load("_common")
-scaling = _load("scaling")
-model = _load("scaling_model")
-study = _load("lr_batch_study")
+common = load_bench("_common")
+scaling = load_bench("scaling")
+model = load_bench("scaling_model")
+study = load_bench("lr_batch_study")
 
 
 def _run(*argv, timeout=120):
@@ -242,7 +235,7 @@ def test_watershed_baseline_chooses_on_training_data_and_beats_trivial_segmentat
 
   from ffn_jax import evaluation
   from ffn_jax.data import synthetic
-  ws = _load("baseline_watershed")
+  ws = load_bench("baseline_watershed")
   train = synthetic.make_volume((24, 48, 48), n_objects=10, seed=0)
   test = synthetic.make_volume((24, 48, 48), n_objects=10, seed=1)
   grid = {"sigma": (0.5, 1.5), "seed_threshold": (0.0, 0.75), "min_seed": (0, 50)}
@@ -290,7 +283,7 @@ def test_border_study_scores_shells_by_distance_to_the_block_faces(tmp_path):
   import numpy as np
 
   from ffn_jax.data import volumes
-  border_study = _load("border_study")
+  border_study = load_bench("border_study")
   assert border_study.edge_distance((5, 4, 6))[2, 1, 3] == 1
   assert border_study.edge_distance((5, 4, 6)).max() == 1
   truth = np.zeros((12, 12, 12), np.uint32)

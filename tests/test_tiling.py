@@ -1,6 +1,5 @@
 """Whole-volume inference: the tile plan, stitching into global IDs, and the tiled infer.py run
 (one rank, two ranks, resume, precomputed output, bad sizes)."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import REPO, cli_env, write_infer_assets
+from conftest import REPO, cli_env, load_bench, write_infer_assets
 from ffn_jax import evaluation
 from ffn_jax.data import volumes
 from ffn_jax.errors import UserError
@@ -177,13 +176,6 @@ def test_stitch_study_restitches_the_kept_tiles_with_each_rule(tmp_path):
   assert margin["objects_merging_reference"] == 0
 
 
-def _stitch_study():
-  spec = importlib.util.spec_from_file_location("stitch_study", REPO / "bench" / "stitch_study.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 @pytest.mark.parametrize("case,reason", [("split", "within_tile"), ("hole", "unlabelled"),
                                          ("shifted", "no_shared_voxels")])
 def test_stitch_study_says_why_each_reference_object_is_split(tmp_path, case, reason):
@@ -206,7 +198,7 @@ def test_stitch_study_says_why_each_reference_object_is_split(tmp_path, case, re
   (tmp_path / "tiling.json").write_text(json.dumps({
       "identity": {"bbox_start_zyx": [0, 0, 0], "bbox_size_zyx": list(truth.shape)},
       "tiles": [t.to_json() for t in tiles]}))
-  study = _stitch_study()
+  study = load_bench("stitch_study")
   _, start, size, read = study.load_tiles(str(tmp_path))
   out, tables, _ = study.stitched(tiles, start, size, read, 10, 0.6, 0)
   assert evaluation.split_objects(truth, out) == 1
