@@ -23,9 +23,18 @@ def _evals(workdir):
   return [r for r in read_metrics(workdir) if r.get("eval")]
 
 
-def test_eval_records_on_schedule_and_best_checkpoint(tmp_path):
-  proc = run_train(tmp_path, "--config.max_steps=25", "--config.eval.every_steps=10")
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """One tiny run with evals at steps 10, 20 and 25 (the last), shared by the tests that only
+  read a finished workdir: (workdir, completed process). Tests must not write into it."""
+  workdir = tmp_path_factory.mktemp("trained")
+  proc = run_train(workdir, "--config.max_steps=25", "--config.eval.every_steps=10")
   assert proc.returncode == 0, proc.stderr
+  return workdir, proc
+
+
+def test_eval_records_on_schedule_and_best_checkpoint(trained):
+  tmp_path, proc = trained
   records = read_metrics(tmp_path)
   evals = [r for r in records if r.get("eval")]
   assert [r["step"] for r in evals] == [10, 20, 25]  # every 10 steps, and at the last step
@@ -54,15 +63,15 @@ def _infer(workdir, out, *extra):
                         timeout=300)
 
 
-def test_infer_reads_the_best_checkpoint_of_a_workdir(tmp_path):
-  assert run_train(tmp_path / "w", "--config.max_steps=10",
-                   "--config.eval.every_steps=5").returncode == 0
-  proc = _infer(tmp_path / "w", tmp_path / "seg", "--config.checkpoint_kind=best")
+def test_infer_reads_the_best_checkpoint_of_a_workdir(trained, tmp_path):
+  proc = _infer(trained[0], tmp_path / "seg", "--config.checkpoint_kind=best")
   assert proc.returncode == 0, proc.stderr
   job = json.loads((tmp_path / "seg" / "job.json").read_text())
   assert job["identity"]["checkpoint_kind"] == "best"
-  # A workdir without an eval has no best checkpoint: one line, exit 2.
-  assert run_train(tmp_path / "plain", "--config.max_steps=2").returncode == 0
+  # A workdir without an eval has no best checkpoint (here: a copy, its WORKDIR/best removed):
+  # one line, exit 2.
+  shutil.copytree(trained[0], tmp_path / "plain")
+  shutil.rmtree(tmp_path / "plain" / checkpoint.BEST_DIR)
   proc = _infer(tmp_path / "plain", tmp_path / "seg2", "--config.checkpoint_kind=best")
   assert proc.returncode == 2 and "no best checkpoint" in proc.stderr, proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
@@ -128,9 +137,9 @@ def _tfrecords(path):
   return out
 
 
-def test_tensorboard_scalars_match_metrics_jsonl(tmp_path):
+def test_tensorboard_scalars_match_metrics_jsonl(trained):
   from tensorboardX.proto import event_pb2
-  assert run_train(tmp_path, "--config.max_steps=20", "--config.eval.every_steps=10").returncode == 0
+  tmp_path = trained[0]
   files = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
   assert len(files) == 1
   scalars = {}
@@ -160,10 +169,9 @@ def test_periodic_action_schedules():
 
 
 # -- plot ----------------------------------------------------------------------------------------
-def test_plot_overlays_runs_and_rejects_non_workdirs(tmp_path):
-  assert run_train(tmp_path / "a", "--config.max_steps=10",
-                   "--config.eval.every_steps=5").returncode == 0
-  shutil.copytree(tmp_path / "a", tmp_path / "b")  # a second run to overlay
+def test_plot_overlays_runs_and_rejects_non_workdirs(trained, tmp_path):
+  shutil.copytree(trained[0], tmp_path / "a")
+  shutil.copytree(trained[0], tmp_path / "b")  # a second run to overlay
   out = tmp_path / "curves.png"
   proc = subprocess.run([sys.executable, "-m", "ffn_jax.plot", str(tmp_path / "a"),
                          str(tmp_path / "b"), "--out", str(out)], cwd=REPO, env=cli_env(),
