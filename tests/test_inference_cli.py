@@ -165,7 +165,7 @@ def test_border_padding_reaches_the_block_border(assets, tmp_path, monkeypatch, 
 def test_context_padding_is_the_real_image_around_the_block_mirrored_past_the_volume():
   """border_padding=context pads a block with its surroundings where the volume has them
   (a tile sees its neighbours) and mirrors only beyond the volume's end, like reflect."""
-  from ffn_jax.inference.runner import BorderPadding
+  from ffn_jax.inference.padding import BorderPadding
   vol = np.random.default_rng(0).integers(0, 255, (20, 21, 22)).astype(np.uint8)
   source = volumes.open_volume(vol)
   context = BorderPadding({"border_padding": "context"}, {"fov_size_zyx": (9, 9, 9)})

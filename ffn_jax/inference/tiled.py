@@ -20,7 +20,7 @@ tile: tiles differ greatly in cost. When all tiles are done rank 0 stitches them
   alone. On training data it agreed better with a single pass (docs/benchmarks.md section 7).
 
 ``tile_context=True``: a tile's faces towards its neighbours get half a FOV of their image
-(``runner.BorderPadding``), so its FOVs reach them as one pass's would; without it a tile labels
+(``padding.BorderPadding``), so its FOVs reach them as one pass's would; without it a tile labels
 the half-FOV shell inside each face only with the edges of FOVs further in, and that is where
 tiles differed most from one pass (docs/benchmarks.md section 7). ``border_padding`` still
 decides the bbox's own outer faces.

@@ -22,7 +22,7 @@ from ffn_jax import conv as conv_lib
 from ffn_jax import evaluation
 from ffn_jax.data import synthetic
 from ffn_jax.errors import UserError
-from ffn_jax.inference import runner
+from ffn_jax.inference import padding, runner
 from ffn_jax.training.setup import read_labelled_box
 
 
@@ -76,7 +76,7 @@ class SegmentationEval:
     except ValueError as e:
       raise UserError(f"eval: {e}") from None
     self._predictor = None
-    self.border = runner.BorderPadding(self.cfg, model)
+    self.border = padding.BorderPadding(self.cfg, model)
     if dist.rank == self.root:
       image, self.labels = load_eval_volumes(config)
       self.image = self.border.pad(image)
