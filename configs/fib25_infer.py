@@ -90,9 +90,16 @@ def get_config() -> ml_collections.ConfigDict:
   # pass would) and each tile tries those in its block, in that order; "tile": each tile runs the
   # policy on its own block (PolicyPeaks then moves seeds by a voxel or two: its tie-breaking
   # noise depends on the block's shape), so tiles agree less with one pass (docs/benchmarks.md
-  # section 7). "auto": job for bboxes up to 384^3 voxels (~75 bytes per voxel on rank 0), tile
-  # above. Workdirs of tiles made before 2026-12-06 used "tile".
+  # section 7). "halo": each tile runs the policy over its block and seed_halo voxels of the
+  # job's canvas around it, keyed to volume coordinates (tie-breaking noise hashed from the
+  # position), so overlapping tiles place the same seeds, as one keyed pass over the bbox would,
+  # and no rank holds the bbox. "auto": job for bboxes up to 384^3 voxels (~75 bytes per voxel on
+  # rank 0), halo above. Workdirs of tiles made before 2026-12-06 used "tile" (name it to resume
+  # them); those of bboxes above 384^3 made before 2026-12-07 too.
   c.tile_seeds = "auto"
+  # The halo's width: the policy's reach (PolicyPeaks: Sobel 1, its Gaussian edge threshold ~33,
+  # the distance to the nearest edge, peaks 3 apart); docs/benchmarks.md section 7 measures it.
+  c.seed_halo = 48
   c.stitch = ml_collections.ConfigDict()
   # Merge two tiles' segments when they share >= min_overlap_voxels voxels in the tiles' overlap
   # and that is >= min_fraction of each one's voxels there (> 0.5: one partner at most).

@@ -183,6 +183,25 @@ def test_policy_grid_order_and_border_filter():
                  (24, 24, 8), (24, 24, 24)]
 
 
+def test_keyed_policies_depend_only_on_volume_position():
+  """With origin_zyx the noise and the grid are functions of the volume position: any block
+  sees the same values / lattice points as a larger block holding it."""
+  whole = seed.keyed_noise((0, 0, 0), (20, 21, 22))
+  assert whole.dtype == np.float64 and 0 <= whole.min() and whole.max() < 1
+  assert abs(whole.mean() - 0.5) < 0.01 and len(np.unique(whole)) == whole.size
+  np.testing.assert_array_equal(seed.keyed_noise((3, 4, 5), (10, 10, 10)), whole[3:13, 4:14, 5:15])
+  np.testing.assert_array_equal(seed.keyed_noise((-2, 0, 0), (4, 4, 4))[2:], whole[:2, :4, :4])
+  assert not np.array_equal(seed.keyed_noise((1, 0, 0), (4, 4, 4)), whole[:4, :4, :4])
+  # The grid: the volume's lattice, whatever the block's origin (negative: padding before it).
+  big = seed.policy_grid((40, 40, 40), 16, (0, 8))
+  assert np.array_equal(big, seed.policy_grid((40, 40, 40), 16, (0, 8), origin_zyx=(0, 0, 0)))
+  for origin in ((5, 7, 9), (-3, 0, 17)):
+    shape = np.array((20, 20, 20))
+    got = seed.policy_grid(tuple(shape), 16, (0, 8), origin_zyx=origin) + origin
+    want = big[np.all((big >= np.asarray(origin)) & (big < np.asarray(origin) + shape), axis=1)]
+    assert len(want) and np.array_equal(got, want), origin
+
+
 # ----------------------------------------------------------------------------------- canvas
 def test_canvas_segments_objects_and_min_size():
   labels = voronoi_labels()

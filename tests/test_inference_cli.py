@@ -190,3 +190,42 @@ def test_context_padding_is_the_real_image_around_the_block_mirrored_past_the_vo
                            inner_lo=(True, False, False))
   want = np.pad(vol[1:13, 6:15, 7:17], ((0, 4), (4, 4), (4, 4)), mode="reflect")
   assert np.array_equal(mirrored.read(source, ((5, 6, 7), (8, 9, 10))), want)
+
+
+@pytest.mark.parametrize("mode", ["none", "reflect", "context"])
+def test_halo_seeds_are_the_tiles_share_of_one_keyed_pass(mode):
+  """tile_seeds=halo: the seed policy over a tile's block and a halo of the job's canvas around
+  it, keyed to volume coordinates, places exactly the seeds one keyed pass over the whole bbox
+  places in that block, once the halo covers the policy's reach; without a halo it does not."""
+  from scipy import ndimage
+
+  from configs import fib25_infer
+  from ffn_jax.inference import runner, tiling
+  from ffn_jax.inference.padding import BorderPadding
+  rng = np.random.default_rng(0)
+  vol = ndimage.gaussian_filter(rng.normal(size=(36, 36, 128)), 2.0)
+  vol = np.clip(128 + vol / vol.std() * 30, 0, 255).astype(np.uint8)
+  source, model = volumes.open_volume(vol), {"fov_size_zyx": (9, 9, 9)}
+  config = fib25_infer.get_config()
+  config.border_padding = mode
+  bbox = ((2, 3, 4), (32, 30, 120))
+  # A window of the padded bbox reads what the whole padded bbox holds there.
+  border = BorderPadding(config, model)
+  whole_canvas = border.read(source, bbox)
+  lo = np.asarray(bbox[0]) - border.lo
+  for window in (((2, 3, 30), (34, 33, 90)), (tuple(lo), (34, 33, 50))):
+    a, b = np.subtract(window[0], lo), np.subtract(window[1], lo)
+    np.testing.assert_array_equal(border.read(source, bbox, window),
+                                  whole_canvas[a[0]:b[0], a[1]:b[1], a[2]:b[2]])
+  with pytest.raises(ValueError, match="window"):
+    border.read(source, bbox, ((0, 0, 0), (200, 40, 40)))
+
+  whole = runner.job_seeds(config, model, source, bbox, 128.0, 33.0, keyed=True)
+  tiles = tiling.plan(bbox[0], bbox[1], (32, 30, 32), (0, 0, 12))
+  assert len(tiles) == 6 and len(whole) > 50
+  for halo, equal in ((32, True), (0, False)):
+    for t in tiles:
+      got = runner.job_seeds(config, model, source, bbox, 128.0, 33.0, block=(t.start, t.size),
+                             halo=halo)
+      share = whole[np.all((whole >= t.start) & (whole < np.add(t.start, t.size)), axis=1)]
+      assert np.array_equal(got, share) == equal, (halo, t.name)

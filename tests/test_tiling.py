@@ -425,6 +425,7 @@ def test_tiled_run_one_and_two_ranks_and_resume(assets, tmp_path):
       "--config.tile_mode=continue"), "above the FOV"),
     (TILES + ("--config.stitch.join_fraction=0.5",), "join_fraction"),
     (TILES + ("--config.tile_seeds=global",), "tile_seeds"),
+    (TILES + ("--config.tile_seeds=halo", "--config.seed_halo=-1"), "seed_halo"),
 ])
 def test_bad_tiling_settings_are_one_line_exit_2(assets, tmp_path, extra, text):
   proc = _infer(assets, tmp_path / "bad", *extra)
@@ -506,3 +507,43 @@ def test_tiles_take_the_single_passs_seeds_with_tile_seeds_job(assets, tmp_path)
   # The tiles of one choice are another job's for the other: refused, nothing overwritten.
   refused = _infer(assets, tmp_path / "tile", *TILES[:2], "--config.tile_seeds=job")
   assert refused.returncode == 2 and "different" in refused.stderr, refused.stderr
+
+
+def test_halo_tiles_seed_themselves_as_one_keyed_pass_would(assets, tmp_path):
+  """tile_seeds=halo (auto above 384^3 voxels): no seeds.npy; each tile runs the policy over its
+  block and a halo, keyed to volume coordinates, and tries exactly the seeds one keyed pass
+  over the bbox places in its block."""
+  from ffn_jax import cli
+  from ffn_jax.inference import runner
+  args = [*TILES[:2], "--config.tile_seeds=halo", "--config.seed_halo=32"]
+  proc = _infer(assets, tmp_path / "halo", *args)
+  assert proc.returncode == 0, proc.stderr
+  plan = json.loads((tmp_path / "halo" / "tiling.json").read_text())
+  assert plan["identity"]["tile_seeds"] == "halo" and plan["identity"]["seed_halo"] == 32
+  assert not (tmp_path / "halo" / "seeds.npy").exists()
+  config, _ = cli.parse(["infer.py", "--config", str(REPO / "configs/fib25_infer.py"),
+                         "--workdir", "unused", f"--config.image={assets / 'image.zarr'}",
+                         f"--config.checkpoint={assets / 'ckpt'}", "--config.image_mean=-1",
+                         "--config.image_stddev=-1", "--config.bbox_start_zyx=(1,2,3)",
+                         "--config.bbox_size_zyx=(28,27,26)", *args],
+                        str(REPO / "configs/fib25_infer.py"), "infer")
+  _, model, mean, sd, _ = runner.load_model(config)
+  source, _ = runner.load_image(config)
+  bbox = runner.resolve_bbox(source.shape, config.bbox_start_zyx, config.bbox_size_zyx)
+  keyed = runner.job_seeds(config, model, source, bbox, mean, sd, keyed=True)
+  for t in map(tiling.Tile.from_json, plan["tiles"]):
+    inside = np.all((keyed >= t.start) & (keyed < np.add(t.start, t.size)), axis=1)
+    counters = json.loads((tmp_path / "halo" / "tiles" / t.name / "counters.json").read_text())
+    assert counters["seeds_total"] == inside.sum() > 0, t.name
+  # Another halo is another job: refused.
+  refused = _infer(assets, tmp_path / "halo", *TILES[:2], "--config.tile_seeds=halo",
+                   "--config.seed_halo=16")
+  assert refused.returncode == 2 and "different" in refused.stderr, refused.stderr
+
+
+def test_auto_seeds_take_the_job_up_to_384_cubed_and_a_halo_above():
+  config = ml_collections.ConfigDict({"tile_seeds": "auto", "seed_halo": 48})
+  assert tiled._seed_source(config, ((0, 0, 0), (384, 384, 384))) == "job"
+  assert tiled._seed_source(config, ((0, 0, 0), (385, 384, 384))) == "halo"
+  config.tile_seeds = "tile"
+  assert tiled._seed_source(config, ((0, 0, 0), (999, 999, 999))) == "tile"

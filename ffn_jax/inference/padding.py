@@ -41,15 +41,26 @@ class BorderPadding:
     # Whether inner faces change the canvas (recorded in the job identity); "context" has them.
     self.inner = bool((inner_lo | inner_hi).any()) and mode != "context"
 
-  def read(self, volume, bbox) -> np.ndarray:
+  def read(self, volume, bbox, window=None) -> np.ndarray:
     """``volume``'s block ``bbox`` = (start, size) with this padding around it: the real image
-    where a face takes it and the volume has it, mirrored otherwise."""
+    where a face takes it and the volume has it, mirrored otherwise.
+
+    ``window``: (lo, hi) volume zyx, only that part of the padded block (which it must lie in
+    and overlap the block); the same values as the whole padded block has there."""
     start, size = (np.asarray(v, np.int64) for v in bbox)
     stop = start + size
     shape = np.asarray(volume.shape[:3], np.int64)
     want_lo, want_hi = start - self.lo, stop + self.hi
-    lo = np.where(self._real_lo, np.maximum(want_lo, 0), start)
-    hi = np.where(self._real_hi, np.minimum(want_hi, shape), stop)
+    if window is not None:
+      win_lo, win_hi = (np.asarray(v, np.int64) for v in window)
+      if np.any(win_lo < want_lo) or np.any(win_hi > want_hi) or np.any(win_lo >= stop) or \
+          np.any(win_hi <= start):
+        raise ValueError(f"window {window} is not inside the padded block {want_lo}..{want_hi} "
+                         f"or misses the block {bbox}")
+      want_lo, want_hi = win_lo, win_hi
+    real_lo = np.where(self._real_lo, np.maximum(start - self.lo, 0), start)
+    real_hi = np.where(self._real_hi, np.minimum(stop + self.hi, shape), stop)
+    lo, hi = np.maximum(want_lo, real_lo), np.minimum(want_hi, real_hi)
     block = volume.read(tuple(int(v) for v in lo), tuple(int(v) for v in hi - lo))
     missing = [(int(a - w), int(v - b)) for a, b, w, v in zip(lo, hi, want_lo, want_hi)]
     return np.pad(block, missing, mode="reflect") if any(any(m) for m in missing) else block

@@ -99,35 +99,59 @@ def make_canvas(config, image: np.ndarray, predictor, model: dict,
       max_pending=int(config.max_pending) or None, prior=prior)
 
 
-def seed_coords(config, image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+def seed_coords(config, image: np.ndarray, mask: np.ndarray | None = None,
+                origin_zyx=None) -> np.ndarray:
   """The seed positions of ``config``'s seed policy (``seed_policy``, ``seed_min_distance``,
-  ``grid_step``, ``grid_offsets``, ``voxel_size_zyx``) on a normalized image."""
+  ``grid_step``, ``grid_offsets``, ``voxel_size_zyx``) on a normalized image; ``origin_zyx``
+  (the image's volume position): keyed to volume coordinates (``seed`` module docstring)."""
   return seed_lib.make_seed_coords(
       str(config.seed_policy), image, mask, tuple(config.voxel_size_zyx),
-      int(config.seed_min_distance), int(config.grid_step), tuple(config.grid_offsets))
+      int(config.seed_min_distance), int(config.grid_step), tuple(config.grid_offsets),
+      origin_zyx)
 
 
-def canvas_inputs(config, border: padding.BorderPadding, source, bbox, mean: float, sd: float):
+def canvas_inputs(config, border: padding.BorderPadding, source, bbox, mean: float, sd: float,
+                  window=None):
   """(raw padded image, normalized float32 image, bool mask or None) of block ``bbox`` on its
-  canvas (``border``'s padding around it)."""
-  padded = border.read(source, bbox)
+  canvas (``border``'s padding around it), or of the part ``window`` of that canvas."""
+  padded = border.read(source, bbox, window)
   image = (padded.astype(np.float32) - np.float32(mean)) / np.float32(sd)
   mask = None
   if config.mask:
-    mask = border.read(volumes.open_volume(config.mask), bbox) != 0
+    mask = border.read(volumes.open_volume(config.mask), bbox, window) != 0
   return padded, image, mask
 
 
-def job_seeds(config, model: dict, source, bbox, mean: float, sd: float) -> np.ndarray:
+def job_seeds(config, model: dict, source, bbox, mean: float, sd: float, block=None,
+              halo: int = 0, keyed: bool = False) -> np.ndarray:
   """The seed policy's positions over the whole block ``bbox``, on the canvas one pass over it
   would use (``border_padding``): int64 [N, 3], volume coordinates (zyx), in the order that pass
   tries them. Tiles given these (``run(seeds_zyx=...)``) try the single pass's seeds in its
   order; each tile's own policy would place them differently: PolicyPeaks breaks ties with noise
-  drawn over the whole canvas, and its edge filter reaches across tile faces."""
+  drawn over the whole canvas, and its edge filter reaches across tile faces.
+
+  ``keyed``: the policy keyed to volume coordinates (``seed`` module docstring) instead of
+  Google's noise. ``block`` = (start, size) inside ``bbox``: only the seeds in that block,
+  computed (keyed) on the part of the canvas within ``halo`` voxels of it; with a halo that
+  covers the policy's reach (its edge filter, the edge distances, the peak spacing) they are
+  the block's share of ``job_seeds(..., keyed=True)``, for a fraction of the memory."""
   border = padding.BorderPadding(config, model)
-  _, image, mask = canvas_inputs(config, border, source, bbox, mean, sd)
-  coords = border.inside(seed_coords(config, image, mask), image.shape)
-  return coords - border.lo + np.asarray(bbox[0], np.int64)
+  start = np.asarray(bbox[0], np.int64)
+  origin = start - border.lo  # the canvas's position in the volume
+  window = None
+  if block is not None:
+    b_lo = np.asarray(block[0], np.int64)
+    b_hi = b_lo + np.asarray(block[1], np.int64)
+    c_hi = start + np.asarray(bbox[1], np.int64) + border.hi
+    window = (np.maximum(b_lo - int(halo), origin), np.minimum(b_hi + int(halo), c_hi))
+    origin = window[0]
+  _, image, mask = canvas_inputs(config, border, source, bbox, mean, sd, window)
+  keyed = keyed or block is not None
+  coords = seed_coords(config, image, mask, origin if keyed else None) + origin  # volume zyx
+  lo, hi = start, start + np.asarray(bbox[1], np.int64)
+  if block is not None:
+    lo, hi = np.maximum(lo, b_lo), np.minimum(hi, b_hi)
+  return coords[np.all((coords >= lo) & (coords < hi), axis=1)]
 
 
 def make_predictor(config, params, model: dict, conv_impl: str):

@@ -5,6 +5,12 @@ image, thresholded against its own Gaussian blur (sigma 49/6), Euclidean distanc
 edge voxel (with voxel anisotropy as EDT sampling), then local maxima of that distance (plus a
 fixed 1e-4 noise from numpy's legacy seed 42 to break ties) at least ``min_distance`` apart,
 sorted ascending by (z, y, x). ``policy_grid`` is Google's ``PolicyGrid3d``.
+
+Google's noise is drawn over the whole array, so a block of another shape breaks ties
+differently at every voxel. Given ``origin_zyx`` (the array's position in the volume), the
+policies are keyed to volume coordinates instead: the noise is a hash of each voxel's position
+(``keyed_noise``) and the grid a lattice of the volume, so that any block that sees enough of the
+image around a voxel (a halo) places the seeds there as a pass over a larger block would.
 """
 from __future__ import annotations
 
@@ -74,12 +80,35 @@ def edge_distance(image: np.ndarray, mask: np.ndarray | None = None,
       ~edge_mask, sampling=tuple(float(v) for v in voxel_size_zyx)).astype(np.float32)
 
 
+def keyed_noise(origin_zyx, shape_zyx) -> np.ndarray:
+  """Uniform [0, 1) float64 noise over the block at ``origin_zyx`` (volume zyx) of ``shape_zyx``,
+  a function of each voxel's volume position only (splitmix64 of the packed coordinates)."""
+  with np.errstate(over="ignore"):
+    axes = [(np.arange(n, dtype=np.int64) + int(o)).astype(np.uint64)
+            for o, n in zip(origin_zyx, shape_zyx)]
+    z, y, x = np.ix_(*axes)
+    h = (z * np.uint64(0x9E3779B97F4A7C15)) ^ (y * np.uint64(0xC2B2AE3D27D4EB4F)) ^ (
+        x * np.uint64(0x165667B19E3779F9))
+    h = h ^ (h >> np.uint64(30))
+    h = h * np.uint64(0xBF58476D1CE4E5B9)
+    h = h ^ (h >> np.uint64(27))
+    h = h * np.uint64(0x94D049BB133111EB)
+    h = h ^ (h >> np.uint64(31))
+  return (h >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
 def policy_peaks(image: np.ndarray, mask: np.ndarray | None = None, voxel_size_zyx=(1, 1, 1),
-                 min_distance: int = 3) -> np.ndarray:
-  """Google's PolicyPeaks seed list: int64 [N, 3] zyx, ascending lexicographic order."""
+                 min_distance: int = 3, origin_zyx=None) -> np.ndarray:
+  """Google's PolicyPeaks seed list: int64 [N, 3] zyx, ascending lexicographic order.
+
+  ``origin_zyx``: None breaks ties with Google's noise (seed 42, drawn over the array); else the
+  array's volume position, and ties are broken by ``keyed_noise``."""
   dt = edge_distance(image, mask, voxel_size_zyx)
-  # Same noise as np.random.seed(42); np.random.random(shape) without touching global state.
-  noise = np.random.RandomState(42).random_sample(dt.shape) * 1e-4
+  if origin_zyx is None:
+    # Same noise as np.random.seed(42); np.random.random(shape) without touching global state.
+    noise = np.random.RandomState(42).random_sample(dt.shape) * 1e-4
+  else:
+    noise = keyed_noise(origin_zyx, dt.shape) * 1e-4
   peaks = peak_local_max(dt + noise, min_distance=min_distance, threshold_abs=0,
                          threshold_rel=0)
   if len(peaks) == 0:
@@ -88,13 +117,20 @@ def policy_peaks(image: np.ndarray, mask: np.ndarray | None = None, voxel_size_z
   return peaks[order]
 
 
-def policy_grid(shape_zyx, step: int = 16, offsets=(0, 8, 4, 12, 2, 10, 14)) -> np.ndarray:
-  """Google's PolicyGrid3d: for each offset, the cubic lattice offset + k * step, z-major."""
+def policy_grid(shape_zyx, step: int = 16, offsets=(0, 8, 4, 12, 2, 10, 14),
+                origin_zyx=None) -> np.ndarray:
+  """Google's PolicyGrid3d: for each offset, the cubic lattice offset + k * step, z-major.
+
+  ``origin_zyx``: the array's volume position, to take the volume's lattice (k >= 0 from the
+  volume's origin) instead of the array's; coordinates stay the array's."""
+  origin = np.zeros(3, np.int64) if origin_zyx is None else np.asarray(origin_zyx, np.int64)
   coords = []
   for off in offsets:
-    for z in range(off, shape_zyx[0], step):
-      for y in range(off, shape_zyx[1], step):
-        for x in range(off, shape_zyx[2], step):
+    # First lattice point >= max(0, off - origin) on each axis, in array coordinates.
+    first = [max(-o + off, (off - o) % step) for o in origin]
+    for z in range(first[0], shape_zyx[0], step):
+      for y in range(first[1], shape_zyx[1], step):
+        for x in range(first[2], shape_zyx[2], step):
           coords.append((z, y, x))
   return np.array(coords, np.int64).reshape(-1, 3)
 
@@ -126,11 +162,13 @@ class SeedList:
 
 
 def make_seed_coords(name: str, image: np.ndarray, mask: np.ndarray | None, voxel_size_zyx,
-                     min_distance: int, grid_step: int, grid_offsets) -> np.ndarray:
-  """Seed coordinates for the policy ``name`` (PolicyPeaks or PolicyGrid3d)."""
+                     min_distance: int, grid_step: int, grid_offsets,
+                     origin_zyx=None) -> np.ndarray:
+  """Seed coordinates for the policy ``name`` (PolicyPeaks or PolicyGrid3d); ``origin_zyx``:
+  key them to volume coordinates (see the module docstring)."""
   if name in ("PolicyPeaks", "peaks"):
-    return policy_peaks(image, mask, voxel_size_zyx, min_distance)
+    return policy_peaks(image, mask, voxel_size_zyx, min_distance, origin_zyx)
   if name in ("PolicyGrid3d", "grid"):
-    return policy_grid(image.shape, grid_step, grid_offsets)
+    return policy_grid(image.shape, grid_step, grid_offsets, origin_zyx)
   from ffn_jax.errors import UserError
   raise UserError(f"unknown seed_policy {name!r}; choose PolicyPeaks or PolicyGrid3d")

@@ -29,7 +29,11 @@ decides the bbox's own outer faces.
 bbox, on the canvas one pass would use, and every tile tries the seeds in its block in that
 order (``runner.job_seeds``). A tile's own PolicyPeaks moves seeds by a voxel or two (its
 tie-breaking noise is drawn over the block's shape, its edge filter reaches across the faces),
-and FFN's floods depend on exactly where they start.
+and FFN's floods depend on exactly where they start. ``tile_seeds=halo`` (``auto`` above 384³):
+each tile runs the policy over its block and ``seed_halo`` voxels of the job's canvas around it,
+keyed to volume coordinates (its tie-breaking noise a hash of the position), so two tiles place
+the same seeds where they overlap, as one keyed pass over the bbox would, and no rank holds the
+whole bbox. ``tile``: each tile seeds its own block (every tiled run before 2026-12-06).
 
 ``WORKDIR`` holds:
 
@@ -63,10 +67,11 @@ from ffn_jax.inference import runner, tiling
 TILING = "tiling.json"
 PRIOR = "prior.json"
 TILE_MODES = ("continue", "independent")
-TILE_SEEDS = ("auto", "job", "tile")
+TILE_SEEDS = ("auto", "job", "halo", "tile")
 SEEDS = "seeds.npy"
 # tile_seeds=auto: rank 0 runs the seed policy over bboxes up to this size (384^3: PolicyPeaks
-# peaks at ~75 bytes per voxel of the padded bbox, ~4.5 GB here), and each tile its own above.
+# peaks at ~75 bytes per voxel of the padded bbox, ~4.5 GB here); above, each tile over its
+# block and a halo (tile_seeds=halo).
 JOB_SEEDS_MAX_VOXELS = 384 ** 3
 
 
@@ -89,15 +94,17 @@ def _tile_config(config, tile: tiling.Tile):
   return c
 
 
-def _seeds_from_job(config, bbox) -> bool:
-  """Whether the tiles take their seeds from the seed policy over the whole bbox
-  (``tile_seeds``: "job", "tile", or "auto": job up to ``JOB_SEEDS_MAX_VOXELS``)."""
+def _seed_source(config, bbox) -> str:
+  """Where the tiles take their seeds (``tile_seeds``): "job", "halo", "tile", or "auto": job up
+  to ``JOB_SEEDS_MAX_VOXELS``, halo above."""
   choice = str(config.get("tile_seeds", "tile"))
   if choice not in TILE_SEEDS:
     raise UserError(f"tile_seeds must be one of {TILE_SEEDS}, got {choice!r}")
   if choice == "auto":
-    return math.prod(bbox[1]) <= JOB_SEEDS_MAX_VOXELS
-  return choice == "job"
+    return "job" if math.prod(bbox[1]) <= JOB_SEEDS_MAX_VOXELS else "halo"
+  if choice == "halo" and int(config.get("seed_halo", 0)) < 0:
+    raise UserError(f"seed_halo must be >= 0 voxels, got {config.seed_halo}")
+  return choice
 
 
 def _stitch_settings(config) -> dict:
@@ -179,9 +186,12 @@ def run(config, workdir: str) -> dict:
   context = bool(config.get("tile_context", False))
   if context:  # recorded only when on, so that earlier jobs' workdirs still resume
     identity["tile_context"] = True
-  seeds_from_job = _seeds_from_job(config, bbox)
-  if seeds_from_job:  # likewise
-    identity["tile_seeds"] = "job"
+  seed_source = _seed_source(config, bbox)
+  seeds_from_job = seed_source == "job"
+  if seed_source != "tile":  # likewise
+    identity["tile_seeds"] = seed_source
+  if seed_source == "halo":
+    identity["seed_halo"] = int(config.seed_halo)
 
   dist = parallel.init()
   if dist.is_primary:
@@ -231,9 +241,16 @@ def run(config, workdir: str) -> dict:
           os.makedirs(folder, exist_ok=True)
           runner.write_json(os.path.join(folder, PRIOR),
                             {"links": [[tiles[i].name, int(a)] for i, a in links]})
+        seeds = job_seeds
+        if seed_source == "halo":
+          t_seeds = time.perf_counter()
+          seeds = runner.job_seeds(config, model, source, bbox, mean, sd,
+                                   block=(tile.start, tile.size), halo=int(config.seed_halo))
+          _log(f"rank {dist.rank}: tile {tile.name}: {len(seeds)} seeds over its block and a "
+               f"halo of {int(config.seed_halo)} in {time.perf_counter() - t_seeds:.1f} s")
         counters = runner.run(_tile_config(config, tile), folder, predict_fn=predictor,
                               prior=prior, within=bbox if context else None,
-                              seeds_zyx=job_seeds)
+                              seeds_zyx=seeds)
         if not counters.get("complete"):
           break  # debug.stop_after_fov_calls: stopped as if killed
         done_here += 1
