@@ -35,7 +35,7 @@ def block_of(seeds: np.ndarray, start, size) -> np.ndarray:
   return seeds[inside]
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--halos", type=int, nargs="+", default=[0, 16, 32, 48, 64])
   args, overrides = ap.parse_known_args(argv)
@@ -78,11 +78,12 @@ def main(argv=None) -> int:
     rows.append(row)
     print(f"{halo} | {equal} / {len(tiles)} | {added} | {lacking} | {largest:,} | "
           f"{row['median_s_per_tile']:.1f}")
-  _common.emit_json({"benchmark": "seed_halo", "bbox_start_zyx": list(bbox[0]),
-                     "bbox_size_zyx": list(bbox[1]), "seeds_whole": len(whole),
-                     "whole_s": whole_s, "rows": rows, **_common.machine()})
-  return 0
+  result = {"benchmark": "seed_halo", "bbox_start_zyx": list(bbox[0]),
+            "bbox_size_zyx": list(bbox[1]), "seeds_whole": len(whole), "whole_s": whole_s,
+            "rows": rows, **_common.machine()}
+  _common.emit_json(result)
+  return result
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  main()

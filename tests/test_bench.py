@@ -305,3 +305,19 @@ def test_border_study_scores_shells_by_distance_to_the_block_faces(tmp_path):
                         env=cli_env(), capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2 and proc.stderr.strip().startswith("error:"), proc.stderr
   assert "--shells" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_seed_halo_counts_the_tiles_whose_seeds_equal_one_keyed_pass(tmp_path):
+  """bench/seed_halo.py on a synthetic volume: without a halo the tiles' seeds differ from one
+  keyed pass's, with a wide one every tile's equal its share."""
+  from conftest import write_infer_assets
+  image, ckpt = write_infer_assets(tmp_path, 48)
+  out = load_bench("seed_halo").main([
+      f"--config.image={image}", f"--config.checkpoint={ckpt}", "--config.image_mean=-1",
+      "--config.image_stddev=-1", "--config.tile_size_zyx=(24,24,24)",
+      "--config.tile_overlap_zyx=(10,10,10)", "--halos", "0", "40"])
+  rows = {r["halo"]: r for r in out["rows"]}
+  assert out["seeds_whole"] > 0 and rows[0]["tiles"] == rows[40]["tiles"] == 27
+  assert rows[0]["tiles_equal"] < 27 and rows[0]["seeds_added"] + rows[0]["seeds_lacking"] > 0
+  assert rows[40]["tiles_equal"] == 27 and rows[40]["seeds_added"] == rows[40]["seeds_lacking"] == 0
+  assert rows[0]["largest_window_voxels"] < rows[40]["largest_window_voxels"] <= 48 ** 3
