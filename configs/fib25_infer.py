@@ -95,7 +95,7 @@ def get_config() -> ml_collections.ConfigDict:
   # position), so overlapping tiles place the same seeds, as one keyed pass over the bbox would,
   # and no rank holds the bbox. "auto": job for bboxes up to 384^3 voxels (~75 bytes per voxel on
   # rank 0), halo above. Workdirs of tiles made before 2026-12-06 used "tile" (name it to resume
-  # them); those of bboxes above 384^3 made before 2026-12-07 too.
+  # them); so do those of bboxes above 384^3 made before "halo" existed.
   c.tile_seeds = "auto"
   # The halo's width: the policy's reach (PolicyPeaks: Sobel 1, its Gaussian edge threshold ~33,
   # the distance to the nearest edge, peaks 3 apart); docs/benchmarks.md section 7 measures it.
