@@ -12,7 +12,8 @@ many reference segments (>= 1000 voxels) the stitched one splits and why (``expl
 declined by the rule's thresholds, split inside one tile, left unlabelled, or no shared
 voxels), and how many stitched segments merge reference ones; with ``--truth``, VI / ARE
 against the labels (all voxels, unlabelled as one segment, as ``ffn_jax.evaluate --truth-zero
-as-segment``). A reference or truth larger
+as-segment``) and ``neurons_split``: labelled objects the reference keeps whole and the stitched
+result splits (``evaluation.split_anew``). A reference or truth larger
 than the box is cropped to it (volume coordinates: the box's ``bbox_start_zyx`` less the
 volume's recorded offset). Tune the rule against a single pass on training data (e.g. the
 unlabelled fib25_training_sample1), not on evaluation crops. Last line: one JSON object.
@@ -165,7 +166,8 @@ def main(argv=None) -> int:
                                                            reference, int(margin)).items()})
     if truth is not None:
       m = evaluation.evaluate_segmentation(seg, truth)
-      row.update(vi=m["vi"], vi_split=m["vi_split"], vi_merge=m["vi_merge"], are=m["are"])
+      row.update(vi=m["vi"], vi_split=m["vi_split"], vi_merge=m["vi_merge"], are=m["are"],
+                 neurons_split=evaluation.split_anew(truth, reference, seg))
     rows.append(row)
 
   print(f"tiled run {args.tiled}: {len(tiles)} tiles, box {start} + {size}; reference "
@@ -174,7 +176,7 @@ def main(argv=None) -> int:
           "merge_vs_reference", "reference_objects_split", "objects_merging_reference"]
   cols += [f"split_{k}" for k in SPLIT_REASONS]
   if truth is not None:
-    cols += ["vi", "vi_split", "vi_merge", "are"]
+    cols += ["vi", "vi_split", "vi_merge", "are", "neurons_split"]
   print(" | ".join(cols))
   for r in rows:
     print(" | ".join("-" if r.get(c) is None else

@@ -164,10 +164,28 @@ def split_objects(reference: np.ndarray, seg: np.ndarray, min_size: int = 1000,
   spreads over two or more labels (0 included) that each hold >= ``min_part`` of it: objects one
   segmentation keeps whole and the other cuts, e.g. a stitched result against a single pass.
   Swap the arguments for the objects ``seg`` merges."""
+  _, sizes, parts = _parts(reference, seg, min_part)
+  return int(np.sum((sizes >= min_size) & (parts >= 2)))
+
+
+def split_anew(truth: np.ndarray, reference: np.ndarray, seg: np.ndarray, min_size: int = 1000,
+               min_part: float = 0.1) -> int:
+  """How many objects of ``truth`` (>= ``min_size`` voxels) ``reference`` keeps whole and ``seg``
+  splits, both in the sense of ``split_objects``: e.g. neurons a single pass kept in one piece
+  and a stitched result cuts."""
+  ids, sizes, parts_reference = _parts(truth, reference, min_part)
+  ids_seg, _, parts_seg = _parts(truth, seg, min_part)
+  assert np.array_equal(ids, ids_seg)
+  return int(np.sum((sizes >= min_size) & (parts_reference < 2) & (parts_seg >= 2)))
+
+
+def _parts(reference: np.ndarray, seg: np.ndarray, min_part: float):
+  """Per non-zero ``reference`` segment: (ids, voxels, labels of ``seg`` that hold >=
+  ``min_part`` of it)."""
   seg_ids, ref_ids, counts = contingency_table(seg, reference)
   keep = ref_ids != 0
   ref_ids, counts = ref_ids[keep], counts[keep]
   ids, inverse = np.unique(ref_ids, return_inverse=True)
   sizes = np.bincount(inverse, weights=counts)
   parts = np.bincount(inverse, weights=counts >= min_part * sizes[inverse])
-  return int(np.sum((sizes >= min_size) & (parts >= 2)))
+  return ids, sizes, parts

@@ -76,6 +76,27 @@ def test_worked_two_by_two_table():
   assert m["are"] == pytest.approx(7 / 33)  # 1 - F1, F1 = 2PR / (P + R) = 26/33
 
 
+def test_split_objects_and_split_anew_count_objects_cut_in_pieces():
+  """Truth: four slabs of 2,000 voxels (ids 1-4). The reference keeps 1 and 3 whole, cuts 2 and
+  merges 3 with 4; seg cuts 1 and 2 and a 5 % sliver off 3 (below min_part: not a cut)."""
+  truth = np.repeat(np.arange(1, 5, dtype=np.uint32), 20)[:, None, None] * np.ones((1, 10, 10),
+                                                                                  np.uint32)
+  reference = truth.copy()
+  reference[20:30] = 9      # 2 cut in half
+  reference[60:80] = 3      # 4 merged into 3
+  seg = truth.copy()
+  seg[0:10] = 7             # 1 cut in half
+  seg[20:30] = 8            # 2 cut in half
+  seg[40, :, :] = 6         # a 5 % sliver of 3
+  assert evaluation.split_objects(truth, reference) == 1          # 2
+  assert evaluation.split_objects(truth, seg) == 2                # 1 and 2
+  assert evaluation.split_objects(reference, truth) == 1          # reference's 3 spans 3 and 4
+  # Kept whole by the reference, cut by seg: 1 only (2 was cut by both; 3's sliver is small).
+  assert evaluation.split_anew(truth, reference, seg) == 1
+  assert evaluation.split_anew(truth, seg, reference) == 0
+  assert evaluation.split_anew(truth, reference, seg, min_size=2001) == 0
+
+
 def test_contingency_table_handles_wide_and_negative_ids():
   rng = np.random.default_rng(1)
   truth = rng.integers(0, 4, (3, 4, 5))

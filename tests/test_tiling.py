@@ -174,6 +174,8 @@ def test_stitch_study_restitches_the_kept_tiles_with_each_rule(tmp_path):
   assert margin["merges"] == 1 and margin["reference_objects_split"] == 0
   assert margin["vi_vs_reference"] == pytest.approx(0.0, abs=1e-9) == margin["vi"]
   assert margin["objects_merging_reference"] == 0
+  # The truth here is the reference: the object it keeps whole is split without the margin.
+  assert no_margin["neurons_split"] == 1 and margin["neurons_split"] == 0
 
 
 @pytest.mark.parametrize("case,reason", [("split", "within_tile"), ("hole", "unlabelled"),
