@@ -45,8 +45,6 @@ def main(argv=None) -> dict:
   bbox = runner.resolve_bbox(source.shape, config.bbox_start_zyx, config.bbox_size_zyx)
   tiles = tiling.plan(bbox[0], bbox[1], config.tile_size_zyx, config.tile_overlap_zyx)
   border = padding.BorderPadding(config, model)
-  canvas_lo = np.asarray(bbox[0]) - border.lo  # the whole bbox's canvas, volume zyx
-  canvas_hi = np.add(bbox[0], bbox[1]) + border.hi
   t0 = time.perf_counter()
   whole = runner.job_seeds(config, model, source, bbox, mean, sd, keyed=True)
   whole_s = time.perf_counter() - t0
@@ -65,12 +63,11 @@ def main(argv=None) -> dict:
                              halo=halo)
       seconds.append(time.perf_counter() - t1)
       want = block_of(whole, t.start, t.size)
-      equal += int(got.shape == want.shape and np.array_equal(got, want))
+      equal += int(np.array_equal(got, want))
       have, need = set(map(tuple, got)), set(map(tuple, want))
       added += len(have - need)
       lacking += len(need - have)
-      lo = np.maximum(np.subtract(t.start, halo), canvas_lo)
-      hi = np.minimum(np.add(t.start, t.size) + halo, canvas_hi)
+      lo, hi = runner.seed_window(border, bbox, (t.start, t.size), halo)
       largest = max(largest, int(np.prod(hi - lo)))
     row = {"halo": halo, "tiles_equal": equal, "tiles": len(tiles), "seeds_added": added,
            "seeds_lacking": lacking, "largest_window_voxels": largest,

@@ -136,22 +136,27 @@ def job_seeds(config, model: dict, source, bbox, mean: float, sd: float, block=N
   covers the policy's reach (its edge filter, the edge distances, the peak spacing) they are
   the block's share of ``job_seeds(..., keyed=True)``, for a fraction of the memory."""
   border = padding.BorderPadding(config, model)
-  start = np.asarray(bbox[0], np.int64)
-  origin = start - border.lo  # the canvas's position in the volume
-  window = None
-  if block is not None:
-    b_lo = np.asarray(block[0], np.int64)
-    b_hi = b_lo + np.asarray(block[1], np.int64)
-    c_hi = start + np.asarray(bbox[1], np.int64) + border.hi
-    window = (np.maximum(b_lo - int(halo), origin), np.minimum(b_hi + int(halo), c_hi))
-    origin = window[0]
+  window = None if block is None else seed_window(border, bbox, block, halo)
+  origin = np.asarray(bbox[0], np.int64) - border.lo if window is None else window[0]
   _, image, mask = canvas_inputs(config, border, source, bbox, mean, sd, window)
   keyed = keyed or block is not None
   coords = seed_coords(config, image, mask, origin if keyed else None) + origin  # volume zyx
-  lo, hi = start, start + np.asarray(bbox[1], np.int64)
+  lo = np.asarray(bbox[0], np.int64)
+  hi = lo + np.asarray(bbox[1], np.int64)
   if block is not None:
-    lo, hi = np.maximum(lo, b_lo), np.minimum(hi, b_hi)
+    lo = np.maximum(lo, np.asarray(block[0], np.int64))
+    hi = np.minimum(hi, np.add(block[0], block[1]))
   return coords[np.all((coords >= lo) & (coords < hi), axis=1)]
+
+
+def seed_window(border: padding.BorderPadding, bbox, block, halo: int):
+  """(lo, hi) volume zyx: the part of ``bbox``'s canvas (``border``) within ``halo`` voxels of
+  ``block`` = (start, size), where ``job_seeds(block=, halo=)`` runs the seed policy."""
+  start = np.asarray(bbox[0], np.int64)
+  b_lo = np.asarray(block[0], np.int64)
+  b_hi = b_lo + np.asarray(block[1], np.int64)
+  c_hi = start + np.asarray(bbox[1], np.int64) + border.hi
+  return np.maximum(b_lo - int(halo), start - border.lo), np.minimum(b_hi + int(halo), c_hi)
 
 
 def make_predictor(config, params, model: dict, conv_impl: str):
