@@ -24,9 +24,15 @@ Precision is chosen apart from the route: ``select(conv_impl, compute_dtype)`` m
 bf16 route the operands are bfloat16 and the accumulation float32; parameters, activations between
 convs, gradients, optimizer state and the loss stay float32. ``auto`` takes bfloat16 where the
 hardware multiplies it natively (``native_bf16``) and ``AUTO_PICKS_BF16`` is on.
+
+What the CPU can do in bf16 is asked of oneDNN once per process (``ops.onednn.bf16_support``
+builds one bf16 convolution), not read from CPU flags: on an AVX2-only CPU oneDNN cannot build
+one, so ``compute_dtype=bfloat16`` runs as ``xla_bf16`` and an explicit ``onednn_bf16`` is
+refused with the reason; with plain AVX-512 oneDNN emulates bf16, so ``auto`` keeps float32.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable
 
@@ -98,16 +104,57 @@ def _cpu_flags() -> set[str]:
   return set()
 
 
+def cpu_bf16_units() -> str:
+  """The CPU's vector units that bfloat16 convolutions depend on, for messages: e.g.
+  "CPU has avx2; lacks avx512f, avx512_bf16, amx_bf16"."""
+  flags = _cpu_flags()
+  if not flags:
+    return "CPU flags unknown"
+  units = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+  has = [u for u in units if u in flags]
+  lacks = [u for u in units if u not in flags]
+  return "; ".join(part for part in (
+      f"CPU has {', '.join(has)}" if has else "", f"lacks {', '.join(lacks)}" if lacks else "")
+      if part)
+
+
+def onednn_bf16() -> tuple[bool, str]:
+  """Whether the ``onednn_bf16`` route runs here (oneDNN, asked once, builds a bf16
+  convolution on this CPU), and why or why not (names the CPU's units and oneDNN's kernels)."""
+  runs, native, detail = _onednn.bf16_support()
+  if not runs:
+    return False, f"oneDNN cannot build a bfloat16 convolution here ({cpu_bf16_units()}; {detail})"
+  kind = "native" if native else "emulated"
+  return True, f"oneDNN builds {kind} bfloat16 convolutions here ({cpu_bf16_units()}; {detail})"
+
+
+@functools.cache
+def _xla_bf16_error(backend: str) -> str | None:
+  """None where XLA compiles and runs a bf16 convolution on ``backend``, else its error."""
+  del backend  # the cache key: jax.default_backend() when asked
+  try:
+    x = jnp.ones((1, 3, 3, 3, 2), jnp.float32)
+    jax.block_until_ready(jax.jit(_conv_xla_bf16)(x, jnp.ones((3, 3, 3, 2, 2), jnp.float32)))
+  except Exception as e:  # noqa: BLE001 - any failure means the route cannot run here
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+  return None
+
+
 def native_bf16() -> tuple[bool, str]:
-  """Whether the default backend multiplies bfloat16 natively here, and why (for the log)."""
+  """Whether the default backend multiplies bfloat16 natively here, and why (for the log).
+
+  On CPU this is oneDNN's answer, not the CPU's flags: a bf16 convolution whose kernels use
+  bf16 instructions (AVX512-BF16, AMX, ...). Where oneDNN only emulates bf16 (plain AVX-512) or
+  cannot build it at all (AVX2), bf16 is not native.
+  """
   backend = jax.default_backend()
   if backend == "cpu":
-    units = sorted({"avx512_bf16", "amx_bf16"} & _cpu_flags())
-    if not units:
-      return False, "this CPU has neither AVX512-BF16 nor AMX-BF16"
-    if not _onednn.available():
-      return False, f"the oneDNN route is unavailable ({_onednn.unavailable_reason()})"
-    return True, f"this CPU has {' and '.join(units)} (oneDNN bf16 route)"
+    runs, native, detail = _onednn.bf16_support()
+    if native:
+      return True, f"oneDNN multiplies bfloat16 natively on this CPU ({detail})"
+    if runs:
+      return False, f"oneDNN only emulates bfloat16 on this CPU ({cpu_bf16_units()})"
+    return False, f"oneDNN cannot build a bfloat16 convolution here ({cpu_bf16_units()}; {detail})"
   capability = getattr(jax.devices()[0], "compute_capability", None)
   try:
     major = int(str(capability).split(".")[0])
@@ -116,6 +163,26 @@ def native_bf16() -> tuple[bool, str]:
   if backend in ("gpu", "cuda") and major >= 8:
     return True, f"GPU of compute capability {capability} (bf16 tensor cores)"
   return False, f"backend {backend} (compute capability {capability}) has no native bf16 here"
+
+
+def _bf16_route(route: str, why: str) -> tuple[str, str]:
+  """The bfloat16 twin of ``route`` that runs here, and the reason, extended where it falls
+  back: ``onednn`` goes to ``xla_bf16`` where oneDNN cannot build a bf16 convolution.
+
+  Raises:
+    ValueError: no bf16 route runs here.
+  """
+  route = _BF16_OF[route]
+  if route == "onednn_bf16":
+    runs, reason = onednn_bf16()
+    if runs:
+      return route, why
+    route, why = "xla_bf16", f"{why}; xla_bf16, since {reason}"
+  error = _xla_bf16_error(jax.default_backend())
+  if error:
+    raise ValueError(f"no bfloat16 conv route runs here (xla_bf16: {error}); "
+                     "set compute_dtype=float32")
+  return route, why
 
 
 def select(impl: str = "auto", compute_dtype: str = "auto") -> tuple[str, str, str]:
@@ -150,7 +217,7 @@ def select(impl: str = "auto", compute_dtype: str = "auto") -> tuple[str, str, s
   else:
     why = f"compute_dtype={compute_dtype}"
   if compute_dtype == "bfloat16":
-    route = _BF16_OF[route]
+    route, why = _bf16_route(route, why)
   return route, compute_dtype, why
 
 
@@ -172,6 +239,11 @@ def resolve(impl: str) -> str:
                      f"{[*available_routes(), *_APPROX_ROUTES]}")
   if impl in _NEEDS_ONEDNN and not _onednn.available():
     raise ValueError(f"conv_impl {impl!r} unavailable: {_onednn.unavailable_reason()}")
+  if impl == "onednn_bf16":
+    runs, reason = onednn_bf16()
+    if not runs:
+      raise ValueError(f"conv_impl 'onednn_bf16' cannot run: {reason}; "
+                       "use compute_dtype=bfloat16 (which picks a bf16 route that runs) or float32")
   return impl
 
 

@@ -18,9 +18,13 @@ from ffn_jax.ops import build, fused, onednn
 
 ONEDNN_SKIP = pytest.mark.skipif(not onednn.available(),
                                  reason=f"oneDNN extension unavailable: {onednn.unavailable_reason()}")
+# Whether oneDNN builds a bf16 convolution on this CPU (not on AVX2-only ones); the reason names
+# the CPU's units and oneDNN's answer.
+ONEDNN_BF16_SKIP = pytest.mark.skipif(not conv_lib.onednn_bf16()[0],
+                                      reason=conv_lib.onednn_bf16()[1])
 F32_ROUTES = ["im2col_kz", pytest.param("onednn", marks=ONEDNN_SKIP)]
 # bfloat16 products (8-bit mantissa) with float32 sums: ~1e-2 relative, so its own tolerance.
-ALL_ROUTES = [*F32_ROUTES, pytest.param("onednn_bf16", marks=ONEDNN_SKIP), "xla_bf16"]
+ALL_ROUTES = [*F32_ROUTES, pytest.param("onednn_bf16", marks=ONEDNN_BF16_SKIP), "xla_bf16"]
 TOL = {"im2col_kz": 2e-5, "onednn": 2e-5, "onednn_bf16": 3e-2, "xla_bf16": 3e-2}
 
 
@@ -111,8 +115,8 @@ def test_onednn_even_kernel_same_padding_matches_xla():
   _close(conv_lib.conv3d(x, w, b, impl="onednn"), _reference(x, w, b), 2e-5)
 
 
-@ONEDNN_SKIP
-@pytest.mark.parametrize("route", ["onednn", "onednn_bf16"])
+@pytest.mark.parametrize("route", [pytest.param("onednn", marks=ONEDNN_SKIP),
+                                   pytest.param("onednn_bf16", marks=ONEDNN_BF16_SKIP)])
 def test_onednn_batch_split_matches_one_multithreaded_call(route):
   # Batch 4 on 2+ threads runs as per-thread sub-batches; the kernel gradients are summed.
   x, w, b, r, ct = _inputs((4, 3, 4, 5, 6), (3, 3, 3), 6, seed=7)
@@ -216,10 +220,13 @@ def test_compute_dtype_selects_the_route(monkeypatch):
   assert conv_lib.select("xla", "bfloat16")[:2] == ("xla_bf16", "bfloat16")
   assert conv_lib.select("im2col_kz", "bfloat16")[:2] == ("xla_bf16", "bfloat16")
   if onednn.available():
-    assert conv_lib.select("onednn", "bfloat16")[:2] == ("onednn_bf16", "bfloat16")
-    assert conv_lib.select("onednn_bf16", "auto")[:2] == ("onednn_bf16", "bfloat16")
-    with pytest.raises(ValueError, match="computes in bfloat16"):
-      conv_lib.select("onednn_bf16", "float32")
+    runs = conv_lib.onednn_bf16()[0]  # what this CPU does: each answer is checked below
+    assert conv_lib.select("onednn", "bfloat16")[:2] == (
+        "onednn_bf16" if runs else "xla_bf16", "bfloat16")
+    if runs:
+      assert conv_lib.select("onednn_bf16", "auto")[:2] == ("onednn_bf16", "bfloat16")
+      with pytest.raises(ValueError, match="computes in bfloat16"):
+        conv_lib.select("onednn_bf16", "float32")
   with pytest.raises(ValueError, match="unknown compute_dtype"):
     conv_lib.select("auto", "fp16")
   for picks in (False, True):
@@ -230,6 +237,56 @@ def test_compute_dtype_selects_the_route(monkeypatch):
       assert dtype == ("bfloat16" if picks and native and conv_lib.resolve("auto") != "im2col_kz"
                        else "float32"), (picks, native, why)
       assert route == conv_lib.select("auto", dtype)[0] and "simulated" in why
+
+
+@ONEDNN_SKIP
+@pytest.mark.parametrize("support", ["none", "emulated", "native"])
+def test_bf16_routes_follow_what_onednn_builds(monkeypatch, support):
+  """oneDNN's answer (simulated: an AVX2-only CPU, plain AVX-512, AVX512-BF16) decides the bf16
+  route: bfloat16 always runs somewhere, auto takes it only where native, and an explicit
+  onednn_bf16 that cannot run is refused with the reason."""
+  monkeypatch.delenv("FFN_JAX_CONV_IMPL", raising=False)
+  monkeypatch.setattr(onednn, "bf16_support", lambda: {
+      "none": (False, False, "simulated: no primitive"),
+      "emulated": (True, False, "jit_bf16:avx512_core"),
+      "native": (True, True, "brgconv:avx512_core_bf16")}[support])
+  route, dtype, why = conv_lib.select("auto", "bfloat16")
+  assert (route, dtype) == ("xla_bf16" if support == "none" else "onednn_bf16", "bfloat16")
+  assert ("simulated: no primitive" in why) == (support == "none")
+  native, why = conv_lib.native_bf16()
+  assert native == (support == "native") and why
+  assert conv_lib.select("auto", "auto")[:2] == (
+      ("onednn_bf16", "bfloat16") if support == "native" else ("onednn", "float32"))
+  if support == "none":
+    with pytest.raises(ValueError, match="'onednn_bf16' cannot run: .*simulated: no primitive"):
+      conv_lib.select("onednn_bf16", "auto")
+    with pytest.raises(ValueError, match="cannot run"):
+      conv_lib.conv3d(*_inputs((1, 3, 3, 3, 2), (3, 3, 3), 2)[:3], impl="onednn_bf16")
+  else:
+    assert conv_lib.select("onednn_bf16", "auto")[0] == "onednn_bf16"
+
+
+def test_no_bf16_route_is_one_clear_error(monkeypatch):
+  monkeypatch.delenv("FFN_JAX_CONV_IMPL", raising=False)
+  monkeypatch.setattr(onednn, "bf16_support", lambda: (False, False, "simulated: no primitive"))
+  monkeypatch.setattr(conv_lib, "_xla_bf16_error", lambda backend: "simulated: XLA refused")
+  with pytest.raises(ValueError, match="no bfloat16 conv route runs here.*XLA refused.*float32"):
+    conv_lib.select("auto", "bfloat16")
+  assert conv_lib.select("auto", "float32")[1] == "float32"
+
+
+def test_bf16_probe_asks_onednn():
+  """The real probe on this CPU: where oneDNN builds a bf16 conv, the route computes one."""
+  runs, native, detail = onednn.bf16_support()
+  assert detail
+  if not onednn.available():
+    assert not runs
+    return
+  # oneDNN's native bf16 kernels name a bf16 ISA; without one, it is not native.
+  assert native == any(u in detail for u in ("bf16", "amx", "avx2_vnni_2", "avx10")) or not runs
+  if runs:
+    x, w, b, _, _ = _inputs((1, 4, 4, 4, 2), (3, 3, 3), 2)
+    _close(conv_lib.conv3d(x, w, b, impl="onednn_bf16"), _reference(x, w, b), 3e-2)
 
 
 def test_falls_back_to_pure_jax_when_extension_unavailable(monkeypatch):
@@ -252,6 +309,13 @@ def test_missing_onednn_gives_clear_error(monkeypatch, tmp_path):
 
 
 @ONEDNN_SKIP
-def test_build_is_cached():
-  assert build.build_library() == build.build_library()
+def test_build_is_cached(monkeypatch):
+  """A second build_library() reuses the cached library: g++ does not run again."""
+  first = build.build_library()
+  assert first.exists() and first.parent == build.cache_dir()
+  real_run, commands = build.subprocess.run, []
+  monkeypatch.setattr(build.subprocess, "run",
+                      lambda cmd, *a, **k: commands.append(cmd) or real_run(cmd, *a, **k))
+  assert build.build_library() == first
+  assert commands and not [c for c in commands if "-shared" in c]  # only `g++ --version`
   assert onednn.version().startswith("3.")

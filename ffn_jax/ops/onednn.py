@@ -98,14 +98,47 @@ def version() -> str | None:
   return f"{v // 10000}.{v // 100 % 100}.{v % 100}"
 
 
-def impl_info(shape_BZYXC, cout: int, k: int = 3, bf16: bool = False) -> str:
-  """oneDNN's implementation names "fwd;bwd_data;bwd_weights" for one conv shape."""
+def _impl_info(shape_BZYXC, cout: int, k: int, bf16: bool) -> tuple[bool, str]:
+  """(whether oneDNN created all three primitives, their names or its error)."""
   lib = _load()
   if lib is None:
-    return f"unavailable ({unavailable_reason()})"
+    return False, f"unavailable ({unavailable_reason()})"
   buf = ctypes.create_string_buffer(1024)
-  lib.FfnOnednnImplInfo(*shape_BZYXC, cout, k, int(bf16), buf, len(buf))
-  return buf.value.decode()
+  failed = lib.FfnOnednnImplInfo(*shape_BZYXC, cout, k, int(bf16), buf, len(buf))
+  return not failed, buf.value.decode()
+
+
+def impl_info(shape_BZYXC, cout: int, k: int = 3, bf16: bool = False) -> str:
+  """oneDNN's implementation names "fwd;bwd_data;bwd_weights" for one conv shape."""
+  return _impl_info(shape_BZYXC, cout, k, bf16)[1]
+
+
+# ISA suffixes of oneDNN implementations that multiply bfloat16 in hardware (AVX512-BF16, AMX,
+# AVX2-VNNI-2, AVX10); a bf16 implementation on plain avx512_core converts in software.
+_NATIVE_BF16_ISA = ("bf16", "amx", "avx2_vnni_2", "avx10")
+
+
+def bf16_support() -> tuple[bool, bool, str]:
+  """What oneDNN can do in bfloat16 on this CPU, asked of oneDNN itself once per process.
+
+  Builds the forward, backward-data and backward-weights primitives of one bf16 convolution of
+  the FFN's shape (oneDNN checks the CPU's ISA then). Returns (runs, native, detail): whether
+  all three could be created, whether oneDNN picked kernels with bf16 instructions (rather than
+  emulating them), and oneDNN's implementation names or its error.
+  """
+  if _load() is None:
+    return False, False, f"the oneDNN route is unavailable ({unavailable_reason()})"
+  return _bf16_probe()
+
+
+@functools.cache
+def _bf16_probe() -> tuple[bool, bool, str]:
+  runs, detail = _impl_info((1, 8, 8, 8, 32), 32, 3, True)
+  if not runs:
+    return False, False, f"oneDNN: {detail}"
+  isas = [impl.rpartition(":")[2] for impl in detail.split(";")]
+  native = any(unit in isa for isa in isas for unit in _NATIVE_BF16_ISA)
+  return True, native, detail
 
 
 def _require():
