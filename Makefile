@@ -1,11 +1,12 @@
-# Two commands: `make demo` (set up + train a small FFN on synthetic data) and `make test`.
+# Two commands: `make demo` (set up + train a small FFN on synthetic data) and `make test`
+# (the full test suite, as CI runs it); `make test-fast` is the tier for day-to-day work.
 PYTHON ?= python3
 VENV ?= .venv
 VBIN := $(abspath $(VENV))/bin
 PY := $(VBIN)/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -28,6 +29,9 @@ demo: setup
 
 test: setup
 	PATH="$(VBIN):$$PATH" $(PY) -m pytest -q --durations=15
+
+test-fast: setup
+	PATH="$(VBIN):$$PATH" $(PY) -m pytest -q -m "not slow" --durations=10
 
 clean:
 	rm -rf runs .pytest_cache

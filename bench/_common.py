@@ -110,10 +110,11 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 def step_records(records: list[dict]) -> list[dict]:
-  """The per-window records (without the final record), each with ``window_steps`` added."""
+  """The per-window training records (not the final or eval records), each with
+  ``window_steps`` added."""
   out, prev = [], 0
   for r in records:
-    if r.get("final"):
+    if r.get("final") or r.get("eval"):
       continue
     out.append({**r, "window_steps": r["step"] - prev, "window_start": prev})
     prev = r["step"]

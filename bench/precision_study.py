@@ -29,9 +29,12 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--config", default="configs/synthetic.py")
   p.add_argument("--steps", type=int, default=1500)
-  p.add_argument("--routes", default="onednn,onednn_bf16",
-                 help="two conv routes: the float32 reference, then the one compared with it")
-  p.add_argument("--eval-route", default="onednn", help="route used to score both final models")
+  p.add_argument("--routes", default="",
+                 help="two conv routes: the float32 reference, then the one compared with it "
+                      "(default: the routes compute_dtype float32 and bfloat16 pick here, e.g. "
+                      "onednn,onednn_bf16; onednn,xla_bf16 where oneDNN cannot build bf16)")
+  p.add_argument("--eval-route", default="",
+                 help="route used to score both final models (default: the float32 reference)")
   p.add_argument("--log-points", type=int, default=30, help="logged windows per run")
   p.add_argument("--val-fovs", type=int, default=128)
   p.add_argument("--val-seed", type=int, default=1, help="synthetic held-out volume seed")
@@ -41,6 +44,10 @@ def parse_args(argv=None):
   p.add_argument("overrides", nargs="*", help="config overrides, KEY=VALUE")
   args = p.parse_args(argv)
   args.routes = [r for r in args.routes.split(",") if r]
+  if not args.routes:
+    from ffn_jax import conv
+    args.routes = [conv.select("auto", dtype)[0] for dtype in ("float32", "bfloat16")]
+  args.eval_route = args.eval_route or args.routes[0]
   if len(args.routes) != 2:
     p.error("--routes takes exactly two routes")
   if args.steps < 1:

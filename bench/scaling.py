@@ -133,6 +133,8 @@ def launch_command(args, ranks: int, batch: int, workdir: str,
            *args.overrides]
   if getattr(args, "zero_global_batch", False):  # newer configs: > 0 would override batch_size
     train.append("--config.global_batch=0")
+  if getattr(args, "no_eval", False):  # a segmentation eval is no training step to time
+    train += ["--config.eval.every_steps=0", "--config.eval.every_s=0"]
   if independent:  # hydra sets PMI_RANK in each process; the shell picks the workdir from it
     train = ["sh", "-c", 'exec "$@" --workdir "$FFN_BENCH_WORKDIR/rank$PMI_RANK"', "sh", *train]
   else:
@@ -466,6 +468,7 @@ def main(argv=None) -> int:
     return 0
   config = _common.load_config(args.config, args.overrides)  # bad overrides fail here, early
   args.zero_global_batch = "global_batch" in config
+  args.no_eval = "eval" in config
   os.makedirs(args.out, exist_ok=True)
   print(f"load average {_common.load_average()}; runs: "
         + ", ".join(f"{r} {'independent processes' if i else 'rank(s)'} x batch {b}"

@@ -53,6 +53,17 @@ def _examples(record: dict, batch: int) -> int:
 
 def plot_runs(workdirs: list[str], out: str, labels: list[str] | None = None) -> str:
   """Writes the curves of ``workdirs`` to ``out`` (PNG); returns ``out``."""
+  import matplotlib.pyplot as plt
+  fig = draw(workdirs, labels)
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  fig.savefig(out, dpi=80)
+  plt.close(fig)
+  return out
+
+
+def draw(workdirs: list[str], labels: list[str] | None = None):
+  """The figure of ``workdirs``' curves: ``axes[row][col]``, rows (steps, examples), columns
+  ``PANELS``; one line per run and panel (three in the VI panel: VI, split, merge)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -87,10 +98,7 @@ def plot_runs(workdirs: list[str], out: str, labels: list[str] | None = None) ->
       ax.grid(alpha=0.3)
   axes[0][0].legend(fontsize=7)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out, dpi=80)
-  plt.close(fig)
-  return out
+  return fig
 
 
 def main(argv: list[str] | None = None) -> None:

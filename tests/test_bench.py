@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, cli_env, load_bench, shared_data
+from conftest import REPO, cli_env, load_bench, mpirun, shared_data
 
 
 common = load_bench("_common")
@@ -23,6 +23,7 @@ def _run(*argv, timeout=120):
 
 
 # -- arithmetic ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_param_and_flop_counts_match_the_model():
   import jax
 
@@ -114,10 +115,10 @@ def test_scaling_args_plan_and_assembly():
   assert [p["ideal_fovs_per_s"] for p in result["weak"]] == pytest.approx([1.0, 2.0])
 
 
+@pytest.mark.slow
 def test_scaling_two_ranks_end_to_end(tmp_path):
   """One short mpirun -n 2 launch of configs/tiny.py (weak scaling, one rank count)."""
-  if common.mpirun_path() is None:
-    pytest.skip("mpirun not found")
+  mpirun()
   _, out = _run("bench/scaling.py", "--config", "configs/tiny.py", "--ranks", "2", "--modes",
                 "weak", "--batch-per-rank", "2", "--steps", "3", "--warmup", "1", "--out",
                 tmp_path, "--timeout", "90", timeout=120)
@@ -139,6 +140,7 @@ def test_time_to_f1_from_records():
   assert study.time_to_f1(records, 0.6, smooth=2)["steps_to_f1"] == 15
 
 
+@pytest.mark.slow
 def test_lr_batch_study_end_to_end(tmp_path):
   proc, out = _run("bench/lr_batch_study.py", "--config", "configs/tiny.py", "--batches", "2,4",
                    "--rules", "none,linear", "--budget-examples", "16", "--val-fovs", "6",
@@ -189,6 +191,7 @@ def test_heldout_fovs_have_the_first_step_seed():
   assert np.all(fovs["labels"][:, 4, 4, 4, 0] == np.float32(0.95))
 
 
+@pytest.mark.slow
 def test_conv_stack_workers_end_to_end():
   """One worker process per implementation; a route that cannot run and a peer that is not
   installed are reported and skipped, not fatal."""
@@ -214,12 +217,15 @@ def test_conv_stack_workers_end_to_end():
   assert out["our_malloc"] == "retain" and out["peer_malloc"] == "default"
 
 
+@pytest.mark.slow
 def test_precision_study_tiny(tmp_path):
   """float32 vs bfloat16 conv route from the same seed: same curve at first, both scored."""
   _, out = _run("bench/precision_study.py", "--config", "configs/tiny.py", "--steps", "12",
                 "--log-points", "3", "--val-fovs", "4", "--out", tmp_path, timeout=300)
-  assert out["routes"] == ["onednn", "onednn_bf16"]
-  ref, bf16 = out["runs"]["onednn"], out["runs"]["onednn_bf16"]
+  from ffn_jax import conv
+  routes = [conv.select("auto", dtype)[0] for dtype in ("float32", "bfloat16")]
+  assert out["routes"] == routes and out["eval_route"] == routes[0]
+  ref, bf16 = out["runs"][routes[0]], out["runs"][routes[1]]
   assert [p["step"] for p in ref["curve"]] == [p["step"] for p in bf16["curve"]] == [4, 8, 12]
   # The first window sees the same FOVs with nearly the same weights.
   assert abs(ref["curve"][0]["loss"] - bf16["curve"][0]["loss"]) < 0.05
@@ -261,6 +267,7 @@ def test_canvas_host_bench_runs_the_canvas_with_a_label_oracle():
   assert len(out["host_ms_per_fov_all"]) == 2
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_every_step_in_dry_mode():
   """bench/gpu_check.py (the device check) at tiny sizes on whatever backend is here: every step
   runs and reports, the imported model matches TensorFlow's logits, one JSON line at the end."""
@@ -307,6 +314,7 @@ def test_border_study_scores_shells_by_distance_to_the_block_faces(tmp_path):
   assert "--shells" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_seed_halo_counts_the_tiles_whose_seeds_equal_one_keyed_pass(tmp_path):
   """bench/seed_halo.py on a synthetic volume: without a halo the tiles' seeds differ from one
   keyed pass's, with a wide one every tile's equal its share."""

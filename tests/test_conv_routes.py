@@ -173,6 +173,7 @@ def _small_ffn_reference():
   return want, want_grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("route", ALL_ROUTES)
 def test_full_ffn_forward_and_parameter_gradients_match_xla(route):
   params, image, seed = _small_ffn_case()

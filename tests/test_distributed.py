@@ -8,6 +8,8 @@ import pytest
 
 from conftest import BIN, REPO, cli_env, read_metrics, run_train
 
+pytestmark = pytest.mark.slow  # train.py / mpirun runs: the full tier only
+
 SCRIPT = str(REPO / "tests" / "scripts" / "step_equivalence.py")
 
 
@@ -45,10 +47,8 @@ def test_two_ranks_equal_one_rank_with_double_batch(tmp_path):
   _assert_close(r0, _load(tmp_path / "single.rank0.npz"))
 
 
-def test_mpirun_training_ends_with_identical_ranks(tmp_path):
-  proc = run_train(tmp_path, "--config.max_steps=20", ranks=2)
-  assert proc.returncode == 0, proc.stdout + proc.stderr
-  records = read_metrics(tmp_path)
+def test_mpirun_training_ends_with_identical_ranks(tiny_reference_2ranks):
+  records = read_metrics(tiny_reference_2ranks[0])
   final = records[-1]
   assert final["ranks"] == 2 and final["global_batch"] == 2 * 2  # tiny: batch_size 2 per rank
   assert len(final["rank_fingerprints"]) == 2
@@ -56,14 +56,14 @@ def test_mpirun_training_ends_with_identical_ranks(tmp_path):
   assert records[0]["ranks"] == 2 and records[0]["time_allreduce_s"] > 0
 
 
-def test_resume_is_exact_with_two_ranks(tmp_path):
-  straight = run_train(tmp_path / "a", "--config.max_steps=25", ranks=2)
-  assert straight.returncode == 0, straight.stderr
-  assert run_train(tmp_path / "b", "--config.max_steps=15", ranks=2).returncode == 0
-  resumed = run_train(tmp_path / "b", "--config.max_steps=25", ranks=2)
+def test_resume_is_exact_with_two_ranks(tmp_path, tiny_reference_2ranks):
+  first = run_train(tmp_path / "b", "--config.max_steps=15", ranks=2)
+  assert first.returncode == 0, first.stderr
+  resumed = run_train(tmp_path / "b", "--config.max_steps=30", ranks=2)
   assert resumed.returncode == 0, resumed.stderr
-  assert (read_metrics(tmp_path / "a")[-1]["rank_fingerprints"]
-          == read_metrics(tmp_path / "b")[-1]["rank_fingerprints"])
+  assert "resumed" in resumed.stdout
+  straight = read_metrics(tiny_reference_2ranks[0])[-1]
+  assert read_metrics(tmp_path / "b")[-1]["rank_fingerprints"] == straight["rank_fingerprints"]
 
 
 def test_desynchronized_rank_is_caught(tmp_path):

@@ -40,6 +40,7 @@ def _probe(**env):
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_big_buffers_are_reused_not_faulted_in_again():
   retained = _probe()
   assert retained["status"] == "in effect"

@@ -18,16 +18,22 @@ from ffn_jax.tf_bundle import crc as tf_crc
 from ffn_jax.tf_bundle import snappy as tf_snappy
 from ffn_jax import model as model_lib
 from ffn_jax.errors import UserError
+from ffn_jax.ops import onednn
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("FFN_SHARED_DATA", REPO.parent / "shared" / "data"))
+from conftest import REPO, SHARED_DATA, shared_data
+
 FIB25 = SHARED_DATA / "google_ffn_fib25"
 CKPT = FIB25 / "model.ckpt-27465036"
 
-needs_ckpt = pytest.mark.skipif(
-    not (CKPT.with_name(CKPT.name + ".index").exists()
-         and CKPT.with_name(CKPT.name + ".data-00000-of-00001").exists()),
-    reason=f"Google's FIB-25 checkpoint not found under {FIB25} (set FFN_SHARED_DATA)")
+
+@pytest.fixture
+def _google_checkpoint():
+  """Skips (fails in CI) where Google's FIB-25 checkpoint is absent."""
+  for suffix in (".index", ".data-00000-of-00001"):
+    shared_data("google_ffn_fib25", CKPT.name + suffix)
+
+
+needs_ckpt = pytest.mark.usefixtures("_google_checkpoint")
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +104,12 @@ def test_params_match_ffn_depth12(imported):
       "image_mean": 128, "image_stddev": 33, "source": str(CKPT), "global_step": 27465036}
 
 
+@pytest.mark.slow
 @needs_ckpt
-@pytest.mark.parametrize("conv_impl", ["xla", "im2col_kz"])
+@pytest.mark.parametrize("conv_impl", [
+    "xla", "im2col_kz",
+    pytest.param("onednn", marks=pytest.mark.skipif(
+        not onednn.available(), reason=f"oneDNN route unavailable: {onednn.unavailable_reason()}"))])
 def test_reproduces_tensorflow_logits(imported, conv_impl):
   params, _ = imported
   ref = np.load(FIB25 / "reference_logits.npz")

@@ -29,6 +29,7 @@ def readme_commands(section: str) -> list[list[str]]:
   return commands
 
 
+@pytest.mark.slow
 def test_readme_infer_then_evaluate_c64_matches_tensorflow(tmp_path):
   shared_data("google_ffn_fib25", "model.ckpt-27465036.index")
   labels = shared_data("fib25_training_sample2", "labels.zarr")

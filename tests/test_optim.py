@@ -57,6 +57,26 @@ def test_elementwise_clipping_at_0_7():
   np.testing.assert_allclose(updates["w"], [-0.7, 0.2], rtol=1e-6)
 
 
+def test_global_norm_clipping_scales_the_whole_gradient():
+  """clip_global_norm=1: a gradient of global norm 5 (3, 4 over two leaves) is scaled to norm 1,
+  keeping its direction; one already below the bound passes unchanged. After elementwise
+  clipping when both are set."""
+  tx, _ = optim.make_optimizer(_cfg(name="sgd", learning_rate=1.0, clip_value=0.0,
+                                    clip_global_norm=1.0), 4)
+  params = {"a": np.zeros(1, np.float32), "b": np.zeros(1, np.float32)}
+  updates, _ = tx.update({"a": np.array([3.0], np.float32), "b": np.array([4.0], np.float32)},
+                         tx.init(params))
+  np.testing.assert_allclose([updates["a"][0], updates["b"][0]], [-0.6, -0.8], rtol=1e-6)
+  small, _ = tx.update({"a": np.array([0.3], np.float32), "b": np.array([0.4], np.float32)},
+                       tx.init(params))
+  np.testing.assert_allclose([small["a"][0], small["b"][0]], [-0.3, -0.4], rtol=1e-6)
+  both, _ = optim.make_optimizer(_cfg(name="sgd", learning_rate=1.0, clip_value=0.7,
+                                      clip_global_norm=0.5), 4)
+  updates, _ = both.update({"a": np.array([3.0], np.float32), "b": np.array([4.0], np.float32)},
+                           both.init(params))  # (0.7, 0.7) first, then to norm 0.5
+  np.testing.assert_allclose([updates["a"][0], updates["b"][0]], [-0.5 / 2**0.5] * 2, rtol=1e-5)
+
+
 def test_unknown_names_are_clear_errors():
   with pytest.raises(UserError, match="optim.name"):
     optim.make_optimizer(_cfg(name="adagrad"), 4)

@@ -26,17 +26,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import BIN, REPO, cli_env, read_metrics
+from conftest import REPO, cli_env, mpirun, read_metrics
+
+pytestmark = pytest.mark.slow  # train.py / mpirun runs: the full tier only
 
 STEPS = ("--config.max_steps=30",)  # every training run here trains the tiny model to step 30
 
 
 # -- running train.py ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  cache = tmp_path_factory.mktemp("xla_cache")
-  return cli_env(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0,
-                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0)
+def env():
+  return cli_env()  # with the session's XLA compilation cache (conftest)
 
 
 @pytest.fixture
@@ -51,10 +51,7 @@ def _train_cmd(workdir, overrides, ranks=None, script="train.py", config="config
   cmd = [sys.executable, str(REPO / script), "--config", str(REPO / config),
          "--workdir", str(workdir), *overrides]
   if ranks:
-    mpirun = BIN / "mpirun"
-    if not mpirun.exists():
-      pytest.skip("mpirun not found (install the mpich wheel into the venv)")
-    cmd = [str(mpirun), "-n", str(ranks), *cmd]
+    cmd = [mpirun(), "-n", str(ranks), *cmd]
   return cmd
 
 
@@ -222,24 +219,18 @@ def _one_line_error(proc, *needles, code=2):
 
 
 # -- reference runs (uninterrupted) --------------------------------------------------------------
-@pytest.fixture(scope="module")
-def reference(env, tmp_path_factory):
-  """30 uninterrupted steps on one process; checkpoints at 10, 20, 30."""
-  workdir = tmp_path_factory.mktemp("reference") / "w"
-  proc = _run(env, workdir, *STEPS, "--config.checkpoint_every=10")
-  assert proc.returncode == 0, proc.stderr
-  assert _steps(workdir) == [10, 20, 30]
-  return workdir, _final(workdir)["params_fingerprint"]
+@pytest.fixture
+def reference(tiny_reference):
+  """30 uninterrupted steps on one process; checkpoints at 10, 20, 30 (shared, conftest)."""
+  assert _steps(tiny_reference[0]) == [10, 20, 30]
+  return tiny_reference
 
 
-@pytest.fixture(scope="module")
-def reference_2ranks(env, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("reference_2ranks") / "w"
-  proc = _run(env, workdir, *STEPS, ranks=2)
-  assert proc.returncode == 0, proc.stderr
-  final = _final(workdir)
-  assert final["ranks"] == 2 and len(set(final["rank_fingerprints"])) == 1
-  return workdir, final["params_fingerprint"]
+@pytest.fixture
+def reference_2ranks(tiny_reference_2ranks):
+  """The same on two ranks (shared, conftest)."""
+  assert len(set(_final(tiny_reference_2ranks[0])["rank_fingerprints"])) == 1
+  return tiny_reference_2ranks
 
 
 # -- kill -9 and resume --------------------------------------------------------------------------
@@ -456,6 +447,9 @@ BAD_INPUTS = {
          "features 8 (checkpoint) vs 4 (config)", "use the config it was trained with"]),
     "checkpoint of another optimizer": (
         lambda v: ["--config.optim.name=sgd"], ["optim.name='adam', not 'sgd'"]),
+    "checkpoint of another global batch": (
+        lambda v: ["--config.batch_size=4"],
+        ["checkpoint step 30 was trained with a global batch of 2, this run has 4"]),
 }
 
 
@@ -479,6 +473,19 @@ def test_unwritable_workdir_is_one_line_exit_2(env, tmp_path):
   proc = _run(env, blocker / "w", *STEPS)
   _one_line_error(proc, f"cannot write to workdir {blocker}/w: Not a directory")
   assert blocker.read_text() == "keep me\n"
+
+
+def test_resume_with_another_rank_count_is_refused(env, reference, tmp_path):
+  """A 1-rank run's workdir resumed by 2 ranks (same global batch): refused, nothing changed."""
+  work = tmp_path / "w"
+  shutil.copytree(reference[0], work)
+  before = _digest(work)
+  proc = _run(env, work, "--config.max_steps=40", "--config.global_batch=2", ranks=2)
+  assert proc.returncode == 2, proc.stdout + proc.stderr
+  assert ("checkpoint step 30 was written by 1 ranks; rerun with the same rank count (now 2)"
+          in proc.stderr), proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert _digest(work) == before
 
 
 def test_global_batch_must_split_over_ranks(env, tmp_path):
@@ -571,8 +578,6 @@ INFER = {"script": "infer.py", "config": "configs/fib25_infer.py"}
 
 def test_infer_kill9_then_same_command_resumes_to_the_same_segmentation(env, jobs, rng,
                                                                        infer_assets, tmp_path):
-  if not (REPO / "infer.py").exists():
-    pytest.skip("infer.py not present")
   args = _infer_args(infer_assets)
   ref = _run(env, tmp_path / "ref", *args, **INFER)
   assert ref.returncode == 0, ref.stderr
@@ -594,8 +599,6 @@ def test_infer_kill9_then_same_command_resumes_to_the_same_segmentation(env, job
 
 
 def test_infer_bbox_outside_volume_is_one_line_exit_2(env, infer_assets, tmp_path):
-  if not (REPO / "infer.py").exists():
-    pytest.skip("infer.py not present")
   proc = _run(env, tmp_path / "w", *_infer_args(infer_assets, "--config.bbox_start_zyx=(40,0,0)",
                                                 "--config.bbox_size_zyx=(16,16,16)"), **INFER)
   _one_line_error(proc, "outside the volume")

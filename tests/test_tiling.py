@@ -356,12 +356,8 @@ def _infer(assets, workdir, *extra, ranks=None):
          "--config.progress_interval_s=-1", "--config.bbox_start_zyx=(1,2,3)",
          "--config.bbox_size_zyx=(28,27,26)", *extra]
   if ranks:
-    import shutil
-    from conftest import BIN
-    mpirun = shutil.which("mpirun", path=str(BIN)) or shutil.which("mpirun")
-    if mpirun is None:
-      pytest.skip("mpirun not found (install the mpich wheel into the venv)")
-    cmd = [mpirun, "-n", str(ranks), *cmd]
+    from conftest import mpirun
+    cmd = [mpirun(), "-n", str(ranks), *cmd]
   return subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True,
                         timeout=600)
 
@@ -370,7 +366,18 @@ TILES = ("--config.tile_size_zyx=(22,22,22)", "--config.tile_overlap_zyx=(10,10,
          "--config.tile_mode=continue")
 
 
-def test_tiled_run_one_and_two_ranks_and_resume(assets, tmp_path):
+@pytest.fixture(scope="module")
+def plain_tiles(assets, tmp_path_factory):
+  """The tiled run with every tiling default (independent tiles; tile_seeds=auto, here job),
+  run once for the tests that read it. Read it; a test may try a refused command on it."""
+  workdir = tmp_path_factory.mktemp("plain_tiles") / "w"
+  proc = _infer(assets, workdir, *TILES[:2])
+  assert proc.returncode == 0, proc.stderr
+  return workdir
+
+
+@pytest.mark.slow
+def test_tiled_run_one_and_two_ranks_and_resume(assets, tmp_path, plain_tiles):
   one = _infer(assets, tmp_path / "one", *TILES)
   assert one.returncode == 0, one.stderr
   seg_one = volumes.open_volume(str(tmp_path / "one" / "segmentation.zarr"))
@@ -390,15 +397,22 @@ def test_tiled_run_one_and_two_ranks_and_resume(assets, tmp_path):
            for k in second]
   assert summary["continued"] == sum(map(len, links)) > 0
   assert {name for tile_links in links for name, _ in tile_links} <= {names[k] for k in first}
-  independent = _infer(assets, tmp_path / "independent", *TILES[:2])  # the default mode
-  assert independent.returncode == 0, independent.stderr
-  assert json.loads((tmp_path / "independent" / "stitch.json").read_text())["continued"] == 0
-  assert not list((tmp_path / "independent" / "tiles").glob("*/prior.json"))
+  # The default mode, independent tiles, continues nothing.
+  assert json.loads((plain_tiles / "stitch.json").read_text())["continued"] == 0
+  assert not list((plain_tiles / "tiles").glob("*/prior.json"))
 
-  two = _infer(assets, tmp_path / "two", *TILES, ranks=2)
+  # Two ranks, written as neuroglancer precomputed: the same segmentation, at its offset.
+  two = _infer(assets, tmp_path / "two", *TILES, "--config.output_format=precomputed", ranks=2)
   assert two.returncode == 0, two.stderr
-  seg_two = volumes.open_volume(str(tmp_path / "two" / "segmentation.zarr")).read()
-  np.testing.assert_array_equal(seg_two, seg_one.read())
+  assert not (tmp_path / "two" / "segmentation.zarr").exists()
+  info = json.loads((tmp_path / "two" / "segmentation" / "info").read_text())
+  assert info["type"] == "segmentation" and info["data_type"] == "uint32"
+  scale = info["scales"][0]
+  assert scale["voxel_offset"] == [3, 2, 1] and scale["size"] == [26, 27, 28]  # xyz
+  assert scale["resolution"] == [1.0, 1.0, 1.0]  # voxel_size_zyx, as xyz
+  seg_two = volumes.open_volume(str(tmp_path / "two" / "segmentation"))
+  assert seg_two.offset_zyx() == (1, 2, 3)
+  np.testing.assert_array_equal(seg_two.read(), seg_one.read())
   counts = json.loads((tmp_path / "two" / "stitch.json").read_text())["tiles_segmented"]
   assert sum(counts) == n_tiles and len(counts) == 2 and min(counts) > 0
 
@@ -465,52 +479,59 @@ def _shell_labelled(workdir, faces):
   return float(np.mean(shares))
 
 
-def test_context_lets_tiles_label_their_inner_faces(assets, tmp_path):
+@pytest.mark.slow
+def test_context_lets_tiles_label_their_inner_faces(assets, tmp_path, plain_tiles):
   """tile_context=True (or border_padding=context): a tile's canvas holds its neighbours' image,
   so its FOVs reach the faces towards them (without, no FOV is centred in the half-FOV shell
   inside each face); with tile_context alone the bbox's outer faces stay as without padding."""
-  runs = {"none": (), "tile_context": ("--config.tile_context=True",),
+  runs = {"none": None, "tile_context": ("--config.tile_context=True",),
           "context": ("--config.border_padding=context",)}
   inner, outer = {}, {}
   for name, extra in runs.items():
-    proc = _infer(assets, tmp_path / name, *TILES[:2], *extra)
-    assert proc.returncode == 0, proc.stderr
-    inner[name] = _shell_labelled(tmp_path / name, "inner")
-    outer[name] = _shell_labelled(tmp_path / name, "outer")
-    seg = volumes.open_volume(str(tmp_path / name / "segmentation.zarr"))
+    workdir = plain_tiles if extra is None else tmp_path / name
+    if extra is not None:
+      proc = _infer(assets, workdir, *TILES[:2], *extra)
+      assert proc.returncode == 0, proc.stderr
+    inner[name] = _shell_labelled(workdir, "inner")
+    outer[name] = _shell_labelled(workdir, "outer")
+    seg = volumes.open_volume(str(workdir / "segmentation.zarr"))
     assert seg.shape == (28, 27, 26) and seg.offset_zyx() == (1, 2, 3)
   assert inner["tile_context"] > inner["none"] + 0.1, inner
   assert inner["context"] > inner["none"] + 0.1, inner
   assert outer["tile_context"] == pytest.approx(outer["none"], abs=0.05), outer
   assert outer["context"] > outer["none"] + 0.1, outer
   # A workdir of tiles without context is another job's: refused, nothing overwritten.
-  refused = _infer(assets, tmp_path / "none", *TILES[:2], "--config.tile_context=True")
+  refused = _infer(assets, plain_tiles, *TILES[:2], "--config.tile_context=True")
   assert refused.returncode == 2 and "different" in refused.stderr, refused.stderr
 
 
-def test_tiles_take_the_single_passs_seeds_with_tile_seeds_job(assets, tmp_path):
+@pytest.mark.slow
+def test_tiles_take_the_single_passs_seeds_with_tile_seeds_job(assets, tmp_path, plain_tiles):
   """tile_seeds=job (auto, on a bbox this small): the seed policy runs once over the bbox, as the
   single pass does, and each tile tries exactly those of its seeds that lie in its block."""
   single = _infer(assets, tmp_path / "single")
   assert single.returncode == 0, single.stderr
   n_single = json.loads((tmp_path / "single" / "counters.json").read_text())["seeds_total"]
-  for choice in ("auto", "tile"):
-    proc = _infer(assets, tmp_path / choice, *TILES[:2], f"--config.tile_seeds={choice}")
-    assert proc.returncode == 0, proc.stderr
-    plan = json.loads((tmp_path / choice / "tiling.json").read_text())
+  workdirs = {"auto": plain_tiles, "tile": tmp_path / "tile"}  # auto: the default
+  proc = _infer(assets, workdirs["tile"], *TILES[:2], "--config.tile_seeds=tile")
+  assert proc.returncode == 0, proc.stderr
+  for choice, workdir in workdirs.items():
+    plan = json.loads((workdir / "tiling.json").read_text())
     assert plan["identity"].get("tile_seeds") == ("job" if choice == "auto" else None)
-    assert (tmp_path / choice / "seeds.npy").exists() == (choice == "auto")
-  seeds = np.load(tmp_path / "auto" / "seeds.npy")
+    assert (workdir / "seeds.npy").exists() == (choice == "auto")
+  plan = json.loads((plain_tiles / "tiling.json").read_text())
+  seeds = np.load(plain_tiles / "seeds.npy")
   assert len(seeds) == n_single > 0
   for t in map(tiling.Tile.from_json, plan["tiles"]):
     inside = np.all((seeds >= t.start) & (seeds < np.add(t.start, t.size)), axis=1)
-    counters = json.loads((tmp_path / "auto" / "tiles" / t.name / "counters.json").read_text())
+    counters = json.loads((plain_tiles / "tiles" / t.name / "counters.json").read_text())
     assert counters["seeds_total"] == inside.sum() > 0, t.name
   # The tiles of one choice are another job's for the other: refused, nothing overwritten.
   refused = _infer(assets, tmp_path / "tile", *TILES[:2], "--config.tile_seeds=job")
   assert refused.returncode == 2 and "different" in refused.stderr, refused.stderr
 
 
+@pytest.mark.slow
 def test_halo_tiles_seed_themselves_as_one_keyed_pass_would(assets, tmp_path):
   """tile_seeds=halo (auto above 384^3 voxels): no seeds.npy; each tile runs the policy over its
   block and a halo, keyed to volume coordinates, and tries exactly the seeds one keyed pass

@@ -1,11 +1,14 @@
 """End-to-end training through train.py: learning, exact resume, metrics, clean errors."""
 import json
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import read_metrics, run_train
+from conftest import REPO, cli_env, read_metrics, run_train
+from ffn_jax.ops import onednn
 from ffn_jax.data.volumes import write_zarr
 
 
@@ -25,17 +28,15 @@ def test_loss_decreases_and_metrics_are_complete(tmp_path):
   assert "ETA" in proc.stdout
 
 
-def test_resume_is_exact(tmp_path):
-  straight = run_train(tmp_path / "a", "--config.max_steps=30")
-  assert straight.returncode == 0, straight.stderr
+@pytest.mark.slow
+def test_resume_is_exact(tmp_path, tiny_reference):
   first = run_train(tmp_path / "b", "--config.max_steps=20")
   assert first.returncode == 0, first.stderr
   second = run_train(tmp_path / "b", "--config.max_steps=30")
   assert second.returncode == 0, second.stderr
   assert "resumed" in second.stdout
-  fa = read_metrics(tmp_path / "a")[-1]["params_fingerprint"]
   fb = read_metrics(tmp_path / "b")[-1]["params_fingerprint"]
-  assert fa == fb
+  assert fb == tiny_reference[1]  # 30 steps without a stop
 
 
 def test_bad_config_key_is_one_line_exit_2(tmp_path):
@@ -59,17 +60,50 @@ def test_missing_volume_is_one_line_exit_2(tmp_path):
   assert len(lines) == 1 and "nope.zarr" in lines[0] and "not found" in lines[0]
 
 
-def test_trains_from_zarr_volumes(tmp_path):
+def _write_tensorstore(path, driver: str, array) -> dict:
+  """``array`` written with tensorstore's ``driver`` (zarr3, n5); returns its JSON spec."""
+  import tensorstore as ts
+  spec = {"driver": driver, "kvstore": {"driver": "file", "path": str(path)}}
+  store = ts.open(spec, create=True, dtype=array.dtype.name, shape=array.shape,
+                  chunk_layout=ts.ChunkLayout(chunk_shape=[16, 16, 16])).result()
+  store.write(array).result()
+  return spec
+
+
+@pytest.fixture(scope="module")
+def builtin_fingerprint(tmp_path_factory):
+  """Final parameters of 5 steps of configs/tiny.py on its built-in synthetic volume."""
+  workdir = tmp_path_factory.mktemp("builtin") / "w"
+  proc = run_train(workdir, "--config.max_steps=5")
+  assert proc.returncode == 0, proc.stderr
+  return read_metrics(workdir)[-1]["params_fingerprint"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("formats", ["zarr", "zarr3+n5 spec"])
+def test_trains_from_volumes(tmp_path, formats, builtin_fingerprint):
+  """train.py reads zarr v2 paths, or a zarr v3 path and an n5 tensorstore JSON spec, to the
+  same training run (same data, same parameters)."""
   from ffn_jax.data import synthetic
   image, labels = synthetic.make_volume((24, 40, 40), n_objects=10, seed=0)
-  write_zarr(str(tmp_path / "im.zarr"), image)
-  write_zarr(str(tmp_path / "lab.zarr"), labels)
-  proc = run_train(tmp_path / "w", "--config.max_steps=5", f"--config.data.image={tmp_path}/im.zarr",
-                   f"--config.data.labels={tmp_path}/lab.zarr")
+  if formats == "zarr":
+    write_zarr(str(tmp_path / "im.zarr"), image)
+    write_zarr(str(tmp_path / "lab.zarr"), labels)
+    sources = (f"{tmp_path}/im.zarr", f"{tmp_path}/lab.zarr")
+  else:
+    _write_tensorstore(tmp_path / "im.zarr3", "zarr3", image)
+    spec = _write_tensorstore(tmp_path / "lab.n5", "n5", labels)
+    sources = (f"{tmp_path}/im.zarr3", json.dumps(spec))
+  proc = run_train(tmp_path / "w", "--config.max_steps=5", f"--config.data.image={sources[0]}",
+                   f"--config.data.labels={sources[1]}")
   assert proc.returncode == 0, proc.stderr
-  assert read_metrics(tmp_path / "w")[-1]["step"] == 5
+  final = read_metrics(tmp_path / "w")[-1]
+  assert final["step"] == 5
+  # The files hold configs/tiny.py's own synthetic volume: the run equals the built-in one's.
+  assert final["params_fingerprint"] == builtin_fingerprint
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   proc = run_train(tmp_path, "--config.max_steps=30", "--config.debug.nan_at_step=14")
   assert proc.returncode != 0
@@ -81,6 +115,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert again.returncode == 0 and "resumed" in again.stdout and "step 10" in again.stdout
 
 
+@pytest.mark.slow
 def test_training_workdir_loads_for_inference(tmp_path):
   from ffn_jax import checkpoint
   from ffn_jax.model import count_params
@@ -90,6 +125,38 @@ def test_training_workdir_loads_for_inference(tmp_path):
   assert set(params) == {"conv0_a", "conv0_b", "conv1_a", "conv1_b", "conv_lom"}
 
 
+def test_bfloat16_trains_and_infers_where_onednn_cannot_build_it(tmp_path):
+  """An AVX2-only CPU (AMD Zen 3), emulated here with ONEDNN_MAX_CPU_ISA=AVX2, which makes
+  oneDNN refuse bf16 convolutions as it does there: compute_dtype=bfloat16 trains and infers on
+  xla_bf16 and says why; an explicit conv_impl=onednn_bf16 is one error line, exit 2."""
+  env = cli_env(ONEDNN_MAX_CPU_ISA="AVX2")
+  proc = run_train(tmp_path / "w", "--config.max_steps=3", "--config.model.compute_dtype=bfloat16",
+                   env=env)
+  assert proc.returncode == 0, proc.stderr
+  assert "compute: bfloat16 convolutions, route xla_bf16" in proc.stdout, proc.stdout
+  if onednn.available():
+    assert "cannot build a bfloat16 convolution" in proc.stdout
+  assert read_metrics(tmp_path / "w")[-1]["step"] == 3
+  infer = subprocess.run(
+      [sys.executable, "infer.py", "--config", "configs/synthetic_infer.py", "--workdir",
+       str(tmp_path / "i"), f"--config.checkpoint={tmp_path / 'w'}",
+       "--config.synthetic.shape_zyx=(20,28,28)", "--config.synthetic.objects=4",
+       "--config.inference.min_segment_size=10", "--config.progress_interval_s=-1"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert infer.returncode == 0, infer.stderr
+  assert "compute: bfloat16 convolutions, route xla_bf16" in infer.stdout, infer.stdout
+  assert json.loads((tmp_path / "i" / "counters.json").read_text())["fov_calls"] > 0
+  assert (tmp_path / "i" / "segmentation.zarr").exists()
+
+  bad = run_train(tmp_path / "x", "--config.max_steps=1", "--config.model.conv_impl=onednn_bf16",
+                  env=env)
+  assert bad.returncode == 2, bad.stderr
+  lines = bad.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and "onednn_bf16" in lines[0], lines
+  assert not (tmp_path / "x" / "checkpoints").exists()
+
+
+@pytest.mark.slow
 def test_compute_dtype_is_recorded_and_inference_follows_it(tmp_path):
   """model.compute_dtype=bfloat16 trains with bf16 convs (float32 parameters), the checkpoint
   records it, and inference uses it unless told otherwise."""

@@ -33,6 +33,7 @@ def trained(tmp_path_factory):
   return workdir, proc
 
 
+@pytest.mark.slow
 def test_eval_records_on_schedule_and_best_checkpoint(trained):
   tmp_path, proc = trained
   records = read_metrics(tmp_path)
@@ -63,6 +64,7 @@ def _infer(workdir, out, *extra):
                         timeout=300)
 
 
+@pytest.mark.slow
 def test_infer_reads_the_best_checkpoint_of_a_workdir(trained, tmp_path):
   proc = _infer(trained[0], tmp_path / "seg", "--config.checkpoint_kind=best")
   assert proc.returncode == 0, proc.stderr
@@ -77,6 +79,7 @@ def test_infer_reads_the_best_checkpoint_of_a_workdir(trained, tmp_path):
   assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+@pytest.mark.slow
 def test_eval_at_start_scores_the_initial_parameters(tmp_path):
   proc = run_train(tmp_path, "--config.max_steps=5", "--config.eval.every_steps=100",
                    "--config.eval.at_start=true")
@@ -84,6 +87,7 @@ def test_eval_at_start_scores_the_initial_parameters(tmp_path):
   assert [r["step"] for r in _evals(tmp_path)] == [0, 5]
 
 
+@pytest.mark.slow
 def test_eval_under_two_ranks_is_the_same_whichever_rank_floods(tmp_path):
   runs = {}
   for root in (0, 1):
@@ -102,6 +106,7 @@ def test_eval_under_two_ranks_is_the_same_whichever_rank_floods(tmp_path):
   assert runs[0][-1]["params_fingerprint"] == runs[1][-1]["params_fingerprint"]
 
 
+@pytest.mark.slow
 def test_time_based_eval_under_two_ranks_does_not_desync(tmp_path):
   # Ranks' clocks differ; rank 0's decides, so every rank takes part in every eval.
   proc = run_train(tmp_path, "--config.max_steps=30", "--config.eval.every_s=0.3",
@@ -112,6 +117,7 @@ def test_time_based_eval_under_two_ranks_does_not_desync(tmp_path):
   assert len(set(records[-1]["rank_fingerprints"])) == 1
 
 
+@pytest.mark.slow
 def test_bad_eval_settings_are_one_line_errors(tmp_path):
   for override, text in (("--config.eval.rank=3", "eval.rank=3"),
                          ("--config.eval.inference.segment_threshold=1.5", "segment_threshold"),
@@ -137,6 +143,7 @@ def _tfrecords(path):
   return out
 
 
+@pytest.mark.slow
 def test_tensorboard_scalars_match_metrics_jsonl(trained):
   from tensorboardX.proto import event_pb2
   tmp_path = trained[0]
@@ -169,6 +176,37 @@ def test_periodic_action_schedules():
 
 
 # -- plot ----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_plot_draws_each_runs_records(trained, tmp_path):
+  """Every panel holds each run's numbers from metrics.jsonl, against steps (top row) and
+  examples = step x global batch (bottom row); the VI panel adds split and merge."""
+  from ffn_jax import plot
+  shutil.copytree(trained[0], tmp_path / "a")
+  shutil.copytree(trained[0], tmp_path / "b")
+  records = read_metrics(tmp_path / "b")
+  with open(tmp_path / "b" / "metrics.jsonl", "w") as f:  # run b: halve every loss
+    for r in records:
+      f.write(json.dumps({**r, "loss": r["loss"] / 2} if "loss" in r else r) + "\n")
+  train = [r for r in records if "loss" in r and not r.get("eval") and not r.get("final")]
+  evals = [r for r in records if r.get("eval")]
+  assert train and evals
+  fig = plot.draw([str(tmp_path / "a"), str(tmp_path / "b")], ["A", "B"])
+  axes = np.asarray(fig.axes).reshape(2, len(plot.PANELS))
+  loss = [line.get_ydata() for line in axes[0][0].lines]
+  np.testing.assert_allclose(loss[0], [r["loss"] for r in train])
+  np.testing.assert_allclose(loss[1], [r["loss"] / 2 for r in train])
+  np.testing.assert_array_equal(axes[0][0].lines[0].get_xdata(), [r["step"] for r in train])
+  np.testing.assert_array_equal(axes[1][1].lines[0].get_xdata(),
+                                [r["step"] * r["global_batch"] for r in train])
+  np.testing.assert_allclose(axes[0][1].lines[1].get_ydata(), [r["f1"] for r in train])
+  vi_lines = axes[0][2].lines
+  assert len(vi_lines) == 6  # (VI, split, merge) per run
+  for line, key in zip(vi_lines[:3], ("vi", "vi_split", "vi_merge")):
+    np.testing.assert_allclose(line.get_ydata(), [r[key] for r in evals])
+  assert [t.get_text() for t in axes[0][0].get_legend().get_texts()] == ["A", "B"]
+
+
+@pytest.mark.slow
 def test_plot_overlays_runs_and_rejects_non_workdirs(trained, tmp_path):
   shutil.copytree(trained[0], tmp_path / "a")
   shutil.copytree(trained[0], tmp_path / "b")  # a second run to overlay
