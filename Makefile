@@ -22,10 +22,13 @@ $(STAMP): pyproject.toml
 	PATH="$(VBIN):$$PATH" $(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+DEMO_WORKDIR ?= runs/demo
+DEMO_FLAGS ?= --config.max_steps=300
+
 demo: setup
-	PATH="$(VBIN):$$PATH" $(PY) train.py --config configs/synthetic.py --workdir runs/demo \
-	  --config.max_steps=300
-	@echo "Results: runs/demo/metrics.jsonl (metrics), runs/demo/checkpoints/ (orbax checkpoints)"
+	PATH="$(VBIN):$$PATH" $(PY) train.py --config configs/synthetic.py --workdir $(DEMO_WORKDIR) \
+	  $(DEMO_FLAGS)
+	@echo "Results: $(DEMO_WORKDIR)/metrics.jsonl (metrics), $(DEMO_WORKDIR)/checkpoints/ (orbax checkpoints)"
 
 test: setup
 	PATH="$(VBIN):$$PATH" $(PY) -m pytest -q --durations=15

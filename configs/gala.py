@@ -5,7 +5,8 @@ with cosine decay over the run, batch 8. Image normalization is gala's own (mean
 At the start, after 8,000 steps and at the end, ``eval`` floods the held-out ``gala_test`` with the current
 parameters (Google's inference settings, min segment size 100, the canvas mirrored at the
 borders: gala is only 50 slices thick) and logs its VI. docs/quality.md has the measured runs;
-add ``--config.model.conv_impl=onednn_bf16`` for bfloat16 convolutions on CPUs with AVX512-BF16.
+add ``--config.model.compute_dtype=bfloat16`` for bfloat16 convolutions (fastest on CPUs with
+AVX512-BF16 or AMX, where ``auto`` already picks them).
 """
 import os
 

@@ -123,6 +123,18 @@ def tiny_reference_2ranks(tmp_path_factory):
   return workdir, final["params_fingerprint"]
 
 
+@pytest.fixture(scope="session")
+def google_checkpoint(tmp_path_factory):
+  """Google's FIB-25 model imported as an ffn_jax checkpoint, once per session."""
+  ckpt = shared_data("google_ffn_fib25", "model.ckpt-27465036.index")
+  out = tmp_path_factory.mktemp("google") / "ckpt"
+  proc = subprocess.run([sys.executable, "-m", "ffn_jax.import_tf_checkpoint",
+                         str(ckpt.with_suffix("")), "--out", str(out)], cwd=REPO, env=cli_env(),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  return out
+
+
 def read_metrics(workdir) -> list[dict]:
   with open(Path(workdir) / "metrics.jsonl") as f:
     return [json.loads(line) for line in f if line.strip()]

@@ -54,18 +54,6 @@ def test_every_config_is_covered():
 
 
 @pytest.fixture(scope="module")
-def google(tmp_path_factory):
-  """Google's FIB-25 model imported as an ffn_jax checkpoint (the finetune configs' start)."""
-  ckpt = shared_data("google_ffn_fib25", "model.ckpt-27465036.index")
-  out = tmp_path_factory.mktemp("google") / "ckpt"
-  proc = subprocess.run([sys.executable, "-m", "ffn_jax.import_tf_checkpoint",
-                         str(ckpt.with_suffix("")), "--out", str(out)], cwd=REPO, env=cli_env(),
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr
-  return out
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   """name -> workdir of that training config's short run (each run once, on first use)."""
   runs = {}
@@ -76,7 +64,7 @@ def trained(tmp_path_factory):
         shared_data(_NEEDS_DATA[name])
       extra = ()
       if name.endswith("_finetune"):
-        extra = (f"--config.init_checkpoint={request.getfixturevalue('google')}",)
+        extra = (f"--config.init_checkpoint={request.getfixturevalue('google_checkpoint')}",)
       workdir = tmp_path_factory.mktemp(name) / "w"
       proc = run_train(workdir, *_SHORT, *TRAIN[name], *extra, config=f"configs/{name}.py",
                        timeout=600)
@@ -104,7 +92,7 @@ def test_training_config_trains_and_evaluates(name, trained, request):
 def test_inference_config_segments_a_box(name, trained, request, tmp_path):
   source, extra = INFER[name]
   if source == "google":
-    checkpoint = request.getfixturevalue("google")
+    checkpoint = request.getfixturevalue("google_checkpoint")
     shared_data("fib25_training_sample2", "image.zarr")
   else:
     if source in _NEEDS_DATA:
