@@ -30,11 +30,16 @@ demo: setup
 	  $(DEMO_FLAGS)
 	@echo "Results: $(DEMO_WORKDIR)/metrics.jsonl (metrics), $(DEMO_WORKDIR)/checkpoints/ (orbax checkpoints)"
 
+# Two pytest workers (pytest-xdist), each test file on one worker: most tests wait on a
+# subprocess's imports and compiles on one core, so two keep both cores busy.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: setup
-	PATH="$(VBIN):$$PATH" $(PY) -m pytest -q --durations=15
+	PATH="$(VBIN):$$PATH" $(PYTEST) --durations=15
 
 test-fast: setup
-	PATH="$(VBIN):$$PATH" $(PY) -m pytest -q -m "not slow" --durations=10
+	PATH="$(VBIN):$$PATH" $(PYTEST) -m "not slow" --durations=10
 
 clean:
 	rm -rf runs .pytest_cache

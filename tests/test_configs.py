@@ -33,7 +33,7 @@ TRAIN = {
     "fib25_small": ("--config.data.box_size_zyx=(40,60,60)",
                     "--config.eval.box_size_zyx=(24,24,24)"),
     "fib25_finetune": ("--config.data.box_size_zyx=(50,60,60)",
-                       "--config.eval.box_size_zyx=(36,40,40)", "--config.eval.at_start=False"),
+                       "--config.eval.box_size_zyx=(44,44,44)", "--config.eval.at_start=False"),
 }
 # name -> (the training config whose checkpoint it reads, overrides)
 INFER = {

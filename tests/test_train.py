@@ -171,6 +171,17 @@ def test_compute_dtype_is_recorded_and_inference_follows_it(tmp_path):
   assert {str(p.dtype) for p in jax.tree_util.tree_leaves(params)} == {"float32"}
   config = ml_collections.ConfigDict({"conv_impl": "auto", "compute_dtype": ""})
   assert runner.compute_route(config, meta["compute_dtype"])[1] == "bfloat16"
+  # infer.py end to end on this CPU's bf16 route (onednn_bf16 or xla_bf16), from the checkpoint.
+  route = runner.compute_route(config, "bfloat16")[0]
+  infer = subprocess.run(
+      [sys.executable, "infer.py", "--config", "configs/synthetic_infer.py", "--workdir",
+       str(tmp_path / "i"), f"--config.checkpoint={tmp_path / 'w'}",
+       "--config.synthetic.shape_zyx=(20,28,28)", "--config.synthetic.objects=4",
+       "--config.inference.min_segment_size=10", "--config.progress_interval_s=-1"],
+      cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+  assert infer.returncode == 0, infer.stderr
+  assert f"compute: bfloat16 convolutions, route {route}" in infer.stdout, infer.stdout
+  assert json.loads((tmp_path / "i" / "counters.json").read_text())["fov_calls"] > 0
   config.compute_dtype = "float32"
   assert runner.compute_route(config, meta["compute_dtype"])[:2] == (
       runner.compute_route(config, "float32")[0], "float32")
