@@ -125,6 +125,18 @@ def test_training_workdir_loads_for_inference(tmp_path):
   assert set(params) == {"conv0_a", "conv0_b", "conv1_a", "conv1_b", "conv_lom"}
 
 
+def _infer_small(checkpoint, workdir, env):
+  """infer.py with configs/synthetic_infer.py on a small synthetic volume; asserts it ran."""
+  proc = subprocess.run(
+      [sys.executable, "infer.py", "--config", "configs/synthetic_infer.py", "--workdir",
+       str(workdir), f"--config.checkpoint={checkpoint}",
+       "--config.synthetic.shape_zyx=(20,28,28)", "--config.synthetic.objects=4",
+       "--config.inference.min_segment_size=10", "--config.progress_interval_s=-1"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  return proc
+
+
 def test_bfloat16_trains_and_infers_where_onednn_cannot_build_it(tmp_path):
   """An AVX2-only CPU (AMD Zen 3), emulated here with ONEDNN_MAX_CPU_ISA=AVX2, which makes
   oneDNN refuse bf16 convolutions as it does there: compute_dtype=bfloat16 trains and infers on
@@ -137,13 +149,7 @@ def test_bfloat16_trains_and_infers_where_onednn_cannot_build_it(tmp_path):
   if onednn.available():
     assert "cannot build a bfloat16 convolution" in proc.stdout
   assert read_metrics(tmp_path / "w")[-1]["step"] == 3
-  infer = subprocess.run(
-      [sys.executable, "infer.py", "--config", "configs/synthetic_infer.py", "--workdir",
-       str(tmp_path / "i"), f"--config.checkpoint={tmp_path / 'w'}",
-       "--config.synthetic.shape_zyx=(20,28,28)", "--config.synthetic.objects=4",
-       "--config.inference.min_segment_size=10", "--config.progress_interval_s=-1"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert infer.returncode == 0, infer.stderr
+  infer = _infer_small(tmp_path / "w", tmp_path / "i", env)
   assert "compute: bfloat16 convolutions, route xla_bf16" in infer.stdout, infer.stdout
   assert json.loads((tmp_path / "i" / "counters.json").read_text())["fov_calls"] > 0
   assert (tmp_path / "i" / "segmentation.zarr").exists()
@@ -173,13 +179,7 @@ def test_compute_dtype_is_recorded_and_inference_follows_it(tmp_path):
   assert runner.compute_route(config, meta["compute_dtype"])[1] == "bfloat16"
   # infer.py end to end on this CPU's bf16 route (onednn_bf16 or xla_bf16), from the checkpoint.
   route = runner.compute_route(config, "bfloat16")[0]
-  infer = subprocess.run(
-      [sys.executable, "infer.py", "--config", "configs/synthetic_infer.py", "--workdir",
-       str(tmp_path / "i"), f"--config.checkpoint={tmp_path / 'w'}",
-       "--config.synthetic.shape_zyx=(20,28,28)", "--config.synthetic.objects=4",
-       "--config.inference.min_segment_size=10", "--config.progress_interval_s=-1"],
-      cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
-  assert infer.returncode == 0, infer.stderr
+  infer = _infer_small(tmp_path / "w", tmp_path / "i", cli_env())
   assert f"compute: bfloat16 convolutions, route {route}" in infer.stdout, infer.stdout
   assert json.loads((tmp_path / "i" / "counters.json").read_text())["fov_calls"] > 0
   config.compute_dtype = "float32"
