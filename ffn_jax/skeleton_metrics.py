@@ -1,6 +1,6 @@
 """Skeleton scores of a segmentation: expected run length (ERL), merges, splits, omissions.
 
-Pure numpy. The ground truth is a list of ``Skeleton``s (one per ground-truth object: node
+Pure numpy and scipy. The ground truth is a list of ``Skeleton``s (one per ground-truth object: node
 coordinates ``vertices_zyx`` in physical units and ``edges`` between node indices; kimimaro's, see
 ``ffn_jax.skeletons``, or given by hand); the segmentation enters only as the predicted ID at
 each node (``node_segments``, the voxel under the node; ID 0 = unlabelled).
@@ -13,10 +13,12 @@ all skeletons' edges (``skeleton_length``):
   ``merges`` counts those segments.
 - ``splits`` = sum over skeletons of max(0, number of distinct non-zero segments that hold it
   - 1).
-- A **run** is the pair (skeleton s, non-zero segment p): its length is the summed length of
-  the edges of s whose two nodes both lie in p (contiguous or not, as in Januszewski et al.
-  2018). Runs of a merge segment have length 0; an edge with an unlabelled (0) node, or with its
-  nodes in two segments, belongs to no run (so unlabelled nodes break runs).
+- An edge of skeleton s is *in* segment p when both its nodes lie in p (p non-zero). A **run**
+  is a connected piece of s made of edges in one segment p: the connected components of s's
+  edges in p, so an unlabelled (0) node or a node of another segment between two pieces breaks
+  them into two runs (funlib's ``expected_run_length`` instead sums all of s's edges in p into
+  one). Runs of a merge segment have length 0; an edge whose nodes lie in two segments, or at an
+  unlabelled node, belongs to no run.
 - ``erl`` = sum over runs of run_length^2 / L: the expected length of the run that contains a
   point drawn uniformly from all skeletons (a point on an edge in no run scores 0).
   ``erl_max`` = sum over skeletons of L_s^2 / L, what a perfect segmentation reaches.
@@ -33,6 +35,8 @@ import dataclasses
 from typing import Sequence
 
 import numpy as np
+from scipy import sparse
+from scipy.sparse import csgraph
 
 from ffn_jax.errors import UserError
 
@@ -89,7 +93,7 @@ def skeleton_metrics(skeletons: Sequence[Skeleton], segments: Sequence[np.ndarra
   if len(segments) != len(skeletons):
     raise UserError(f"{len(segments)} node-segment arrays for {len(skeletons)} skeletons")
   n = len(skeletons)
-  node_skel, node_seg, edge_skel, edge_a, edge_b, length, length_vox = _flatten(
+  node_skel, node_seg, edge_nodes, edge_a, edge_b, length, length_vox = _flatten(
       skeletons, segments, check_voxel_size(voxel_size_zyx))
 
   # Which segments hold which skeletons: merges and splits.
@@ -108,20 +112,22 @@ def skeleton_metrics(skeletons: Sequence[Skeleton], segments: Sequence[np.ndarra
   if total <= 0:
     return result
   in_run = (edge_a == edge_b) & (edge_a != 0) & ~np.isin(edge_a, merged)
-  result["erl"] = _sum_sq_runs(edge_skel, edge_a, length, in_run) / total
-  result["erl_voxels"] = _sum_sq_runs(edge_skel, edge_a, length_vox, in_run) / float(
-      length_vox.sum())
-  result["erl_max"] = float(np.sum(np.bincount(edge_skel, length, minlength=n) ** 2)) / total
+  run_of_edge = _components(len(node_seg), edge_nodes[in_run])[edge_nodes[in_run, 0]]
+  result["erl"] = float(np.sum(np.bincount(run_of_edge, length[in_run]) ** 2)) / total
+  result["erl_voxels"] = (float(np.sum(np.bincount(run_of_edge, length_vox[in_run]) ** 2))
+                         / float(length_vox.sum()))
+  skeleton_lengths = np.bincount(node_skel[edge_nodes[:, 0]], length, minlength=n)
+  result["erl_max"] = float(np.sum(skeleton_lengths ** 2)) / total
   result["omitted"] = float(np.sum(length * ((edge_a == 0).astype(float) + (edge_b == 0)))
                             / 2 / total)
   return result
 
 
 def _flatten(skeletons, segments, voxel_size):
-  """All skeletons' nodes and edges as flat arrays: per node (skeleton index, segment), per edge
-  (skeleton index, segment of either node, length, length in voxels)."""
+  """All skeletons' nodes and edges as flat arrays: per node (skeleton index, segment); per edge
+  (its two nodes' indices among all nodes, their segments, length, length in voxels)."""
   # Segment IDs stay integers (uint64 IDs wrap to int64 one to one, 0 stays 0); lengths float.
-  nodes, edge_ids, edge_lengths = [np.zeros((0, 2), np.int64)], [np.zeros((0, 3), np.int64)], [
+  nodes, edge_ids, edge_lengths = [np.zeros((0, 2), np.int64)], [np.zeros((0, 4), np.int64)], [
       np.zeros((0, 2))]
   for i, (s, seg_N) in enumerate(zip(skeletons, segments)):
     vertices_N3 = np.asarray(s.vertices_zyx, np.float64).reshape(-1, 3)
@@ -133,22 +139,22 @@ def _flatten(skeletons, segments, voxel_size):
     if edges_E2.size and (edges_E2.min() < 0 or edges_E2.max() >= len(vertices_N3)):
       raise UserError(f"skeleton {s.label} has edges to nodes it does not have")
     delta_E3 = vertices_N3[edges_E2[:, 0]] - vertices_N3[edges_E2[:, 1]]
+    first = sum(len(a) for a in nodes)  # this skeleton's first node among all nodes
     nodes.append(np.stack([np.full(len(seg_N), i), seg_N], 1))
-    edge_ids.append(np.stack([np.full(len(edges_E2), i), seg_N[edges_E2[:, 0]],
-                              seg_N[edges_E2[:, 1]]], 1))
+    edge_ids.append(np.concatenate([edges_E2 + first, seg_N[edges_E2]], 1))
     edge_lengths.append(np.stack([np.linalg.norm(delta_E3, axis=1),
                                   np.linalg.norm(delta_E3 / voxel_size, axis=1)], 1))
-  nodes_N2, ids_E3, lengths_E2 = (np.concatenate(nodes), np.concatenate(edge_ids),
+  nodes_N2, ids_E4, lengths_E2 = (np.concatenate(nodes), np.concatenate(edge_ids),
                                   np.concatenate(edge_lengths))
-  return (nodes_N2[:, 0], nodes_N2[:, 1], ids_E3[:, 0], ids_E3[:, 1], ids_E3[:, 2],
+  return (nodes_N2[:, 0], nodes_N2[:, 1], ids_E4[:, :2], ids_E4[:, 2], ids_E4[:, 3],
           lengths_E2[:, 0], lengths_E2[:, 1])
 
 
-def _sum_sq_runs(edge_skel, edge_seg, length, in_run) -> float:
-  """Sum over runs (skeleton, segment) of the squared summed length of their edges."""
-  _, run_of_edge = np.unique(np.stack([edge_skel[in_run], edge_seg[in_run]], 1), axis=0,
-                             return_inverse=True)
-  return float(np.sum(np.bincount(run_of_edge.ravel(), length[in_run]) ** 2))
+def _components(n_nodes: int, edges_E2: np.ndarray) -> np.ndarray:
+  """Connected component of each of ``n_nodes`` nodes under the undirected ``edges_E2``."""
+  graph = sparse.coo_matrix((np.ones(len(edges_E2)), (edges_E2[:, 0], edges_E2[:, 1])),
+                            shape=(n_nodes, n_nodes))
+  return csgraph.connected_components(graph, directed=False)[1]
 
 
 def evaluate_skeletons(seg: np.ndarray, skeletons: Sequence[Skeleton], voxel_size_zyx=(1, 1, 1),
