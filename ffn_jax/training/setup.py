@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from ffn_jax import parallel
+from ffn_jax.checkpoint import BEST_METRICS
 from ffn_jax.data import partitions, synthetic
 from ffn_jax.data.examples import RecurrentExamples
 from ffn_jax.data.volumes import open_volume
@@ -78,7 +79,6 @@ def validate_config(config) -> None:
          e.batch_size)
     zyx("eval.box_start_zyx", e.box_start_zyx, 0)
     zyx("eval.box_size_zyx", e.box_size_zyx, 1, allow_empty=True)
-    from ffn_jax.checkpoint import BEST_METRICS  # local: keeps orbax out of validation's imports
     need(e.get("best_metric", "vi") in BEST_METRICS, "eval.best_metric",
          f"one of {sorted(BEST_METRICS)}", e.get("best_metric", "vi"))
     min_nodes = e.get("skeleton_min_nodes", DEFAULT_MIN_NODES)
