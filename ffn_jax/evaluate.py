@@ -11,7 +11,8 @@ Besides VI and adapted Rand error it reports skeleton scores (``ffn_jax.skeleton
 the truth box is skeletonized with kimimaro (cached on disk, ``ffn_jax.skeletons``), and
 ``erl``, ``erl_voxels``, ``erl_max``, ``skeleton_length``, ``merges``, ``splits`` and ``omitted``
 are added, lengths in the units of ``--voxel-size-zyx``; ``skeleton_cache`` says whether the
-skeletons came from the cache and ``skeleton_s`` how long getting them took.
+skeletons came from the cache and ``skeleton_s`` how long they and their scores took.
+
 A segmentation written by ``infer.py`` records where it sits in the volume (``offset_zyx`` in its
 ``.zattrs``): the truth is cropped to match, and ``--bbox-*`` (truth coordinates) may narrow it.
 Volume specs are anything ``ffn_jax.data.volumes.open_volume`` accepts: a zarr/n5 folder,
