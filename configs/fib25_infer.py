@@ -31,7 +31,9 @@ def add_flood_settings(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   c.seed_min_distance = 3
   c.grid_step = 16
   c.grid_offsets = (0, 8, 4, 12, 2, 10, 14)
-  c.voxel_size_zyx = (1.0, 1.0, 1.0)  # EDT sampling of PolicyPeaks (anisotropic data)
+  # EDT sampling of PolicyPeaks (anisotropic data); in the training eval also the unit of the
+  # skeleton lengths (ERL): (1, 1, 1) gives them in voxels.
+  c.voxel_size_zyx = (1.0, 1.0, 1.0)
   # "none": the canvas is the block (Google's). "reflect": the block mirrored by half a FOV on
   # each side, so FOVs can be centred up to its borders (thin volumes); cropped back after.
   # "context": half a FOV of the real image around the block where the volume has it (a tile

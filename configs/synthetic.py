@@ -85,8 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.clip_global_norm = 0.0
 
   # Segmentation validation during training: flood-fill the held-out volume with the current
-  # parameters (infer.py's code and settings), score VI / adapted Rand against its labels, append
-  # {"eval": true, ...} to metrics.jsonl and keep the best-VI checkpoint in WORKDIR/best.
+  # parameters (infer.py's code and settings), score VI / adapted Rand and the skeleton scores
+  # (expected run length, merges, splits: ffn_jax.skeleton_metrics) against its labels, append
+  # {"eval": true, ...} to metrics.jsonl and keep the best checkpoint in WORKDIR/best.
   # Runs every eval.every_steps steps and/or every eval.every_s seconds (both 0 = off), and at
   # the last step. Point it at held-out data: a validation volume, or a box the training box
   # does not contain.
@@ -104,6 +105,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.conv_impl = ""       # '' = model.conv_impl
   c.eval.compute_dtype = ""   # '' = the training's (model.compute_dtype as resolved)
   c.eval.keep_best = True     # WORKDIR/best: infer.py --config.checkpoint_kind=best
+  c.eval.best_metric = "vi"   # what "best" means: "vi" (lowest) or "erl" (highest)
+  c.eval.skeleton_min_nodes = 5  # skeleton nodes a segment needs to count in merges and splits
   c.eval.rank = 0             # the rank that floods (all ranks hold the same parameters)
   fib25_infer.add_flood_settings(c.eval)  # eval.inference.*, eval.seed_policy, eval.batch_size..
   c.eval.inference.min_segment_size = 100

@@ -26,8 +26,10 @@ import orbax.checkpoint as ocp
 from ffn_jax.errors import UserError
 
 UNREADABLE_DIR = "unreadable_checkpoints"
-BEST_DIR = "best"  # WORKDIR/best: the params with the best segmentation eval VI so far
+BEST_DIR = "best"  # WORKDIR/best: the params with the best segmentation eval score so far
 CHECKPOINT_KINDS = ("latest", "best")
+# Eval scores that can pick WORKDIR/best (config.eval.best_metric), and whether higher is better.
+BEST_METRICS = {"vi": False, "erl": True}
 
 
 class CheckpointError(Exception):
@@ -219,33 +221,43 @@ def _check_shapes(expected, got, step) -> None:
 
 
 class BestParams:
-  """``WORKDIR/best``: the parameters with the lowest segmentation eval VI so far, one step kept.
+  """``WORKDIR/best``: the parameters with the best segmentation eval score so far, one step kept.
 
-  Params-only (``load_params(workdir, kind="best")`` and ``infer.py
+  The score is the eval record's ``metric``: "vi" (lowest wins) or "erl" (highest wins; see
+  ``BEST_METRICS``). Params-only (``load_params(workdir, kind="best")`` and ``infer.py
   --config.checkpoint_kind=best`` read it); its meta holds the eval record. On a resumed run the
-  VI to beat is read back from there.
+  score to beat is read back from there.
   """
 
-  def __init__(self, directory: str):
+  def __init__(self, directory: str, metric: str = "vi"):
+    if metric not in BEST_METRICS:
+      raise UserError(f"best metric must be one of {sorted(BEST_METRICS)}, got {metric!r}")
+    self.metric = metric
+    self.higher_is_better = BEST_METRICS[metric]
     self.manager = make_manager(directory, max_to_keep=1, create=True)
-    self.vi = float("inf")
+    self.score = None
     step = self.manager.latest_step()
     if step is not None:
       try:
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        self.vi = float((meta.meta or {}).get("eval", {}).get("vi", float("inf")))
+        self.score = (meta.meta or {}).get("eval", {}).get(metric)
       except Exception:  # noqa: BLE001 - an unreadable best checkpoint is simply replaced
-        self.vi = float("inf")
+        self.score = None
 
   def offer(self, step: int, params: Any, record: dict, meta: dict) -> bool:
-    """Saves ``params`` if ``record['vi']`` beats the best so far; returns whether it did."""
-    if not record["vi"] < self.vi:
+    """Saves ``params`` if ``record[metric]`` beats the best so far; returns whether it did. A
+    record without the score (None: e.g. no skeleton to measure ERL on) never wins."""
+    value = record.get(self.metric)
+    if value is None or not np.isfinite(value):
+      return False
+    if self.score is not None and not (value > self.score if self.higher_is_better
+                                       else value < self.score):
       return False
     for old in self.manager.all_steps():
       if old >= step:  # orbax only writes steps above the latest one
         self.manager.delete(old)
     save(self.manager, step, {"params": params}, {**meta, "eval": record})
-    self.vi = float(record["vi"])
+    self.score = float(value)
     return True
 
 
@@ -265,7 +277,8 @@ def load_params(directory: str, step: int | None = None, kind: str = "latest"):
 
   Args:
     kind: of a training workdir, its newest rolling checkpoint ("latest") or the one with the
-      best segmentation eval VI ("best", in ``WORKDIR/best``).
+      best segmentation eval score ("best", in ``WORKDIR/best``; VI or ERL, as
+      ``eval.best_metric`` chose).
   Returns:
     (params as a nested dict of numpy arrays, meta dict).
   """

@@ -3,7 +3,15 @@
 Usage:
   python -m ffn_jax.evaluate --segmentation seg.zarr --truth labels.zarr \
       [--bbox-start-zyx 93,93,93 --bbox-size-zyx 64,64,64] \
-      [--pred-unlabelled {as-segment,ignore,singletons}] [--truth-zero {ignore,as-segment}]
+      [--pred-unlabelled {as-segment,ignore,singletons}] [--truth-zero {ignore,as-segment}] \
+      [--voxel-size-zyx 10,10,10] [--skeleton-min-nodes 5] [--skeleton-dust-voxels 1000] \
+      [--no-skeletons]
+
+Besides VI and adapted Rand error it reports skeleton scores (``ffn_jax.skeleton_metrics``):
+the truth box is skeletonized with kimimaro (cached on disk, ``ffn_jax.skeletons``), and
+``erl``, ``erl_voxels``, ``erl_max``, ``skeleton_length``, ``merges``, ``splits`` and ``omitted``
+are added, lengths in the units of ``--voxel-size-zyx``; ``skeleton_cache`` says whether the
+skeletons came from the cache and ``skeleton_s`` how long they and their scores took.
 
 A segmentation written by ``infer.py`` records where it sits in the volume (``offset_zyx`` in its
 ``.zattrs``): the truth is cropped to match, and ``--bbox-*`` (truth coordinates) may narrow it.
@@ -14,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import time
 
 import numpy as np
 
-from ffn_jax import evaluation
+from ffn_jax import evaluation, skeleton_metrics, skeletons
 from ffn_jax.errors import UserError
 
 
@@ -29,22 +39,42 @@ class _Parser(argparse.ArgumentParser):
     raise UserError(f"{message} (see --help)")
 
 
-def _zyx(text: str) -> tuple[int, int, int]:
+def _zyx(text: str, cast=int, what: str = "integers") -> tuple:
   try:
-    values = tuple(int(v) for v in text.split(","))
+    values = tuple(cast(v) for v in text.split(","))
   except ValueError:
     values = ()
   if len(values) != 3:
-    raise argparse.ArgumentTypeError(f"expected three integers Z,Y,X, got {text!r}")
+    raise argparse.ArgumentTypeError(f"expected three {what} Z,Y,X, got {text!r}")
   return values
+
+
+def _voxel_size(text: str) -> tuple[float, float, float]:
+  values = _zyx(text, float, "positive numbers")
+  if not all(math.isfinite(v) and v > 0 for v in values):
+    raise argparse.ArgumentTypeError(f"expected three positive numbers Z,Y,X, got {text!r}")
+  return values
+
+
+def _at_least(low: int):
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      value = low - 1
+    if value < low:
+      raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+    return value
+  return parse
 
 
 def _parser() -> argparse.ArgumentParser:
   p = _Parser(
       prog="python -m ffn_jax.evaluate",
-      description="Variation of information (bits) and adapted Rand error of a segmentation "
-                  "against ground truth, printed as one JSON object. Defaults: every voxel with "
-                  "truth != 0 counts, and prediction 0 (unlabelled) counts as one segment.")
+      description="Variation of information (bits), adapted Rand error and skeleton scores "
+                  "(expected run length, merges, splits) of a segmentation against ground truth, "
+                  "printed as one JSON object. Defaults: every voxel with truth != 0 counts, and "
+                  "prediction 0 (unlabelled) counts as one segment.")
   p.add_argument("--segmentation", required=True, help="predicted segmentation volume spec")
   p.add_argument("--truth", required=True, help="ground-truth label volume spec")
   p.add_argument("--bbox-start-zyx", type=_zyx, default=None,
@@ -60,6 +90,18 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--truth-zero", choices=evaluation.TRUTH_ZERO_MODES, default="ignore",
                  help="truth ID 0: left out (ignore, the default; no effect when truth has no "
                       "0) or an ordinary segment (as-segment)")
+  p.add_argument("--voxel-size-zyx", type=_voxel_size, default=(1.0, 1.0, 1.0),
+                 help="physical voxel size Z,Y,X for the skeleton scores (default 1,1,1: lengths "
+                      "in voxels; FIB-25: 10,10,10 nm)")
+  p.add_argument("--skeleton-min-nodes", type=_at_least(1),
+                 default=skeleton_metrics.DEFAULT_MIN_NODES,
+                 help="skeleton nodes a segment needs to count as holding a skeleton, for merges "
+                      "and splits (default %(default)s)")
+  p.add_argument("--skeleton-dust-voxels", type=_at_least(0),
+                 default=skeletons.SkeletonParams.dust_voxels,
+                 help="truth objects with fewer voxels get no skeleton (default %(default)s)")
+  p.add_argument("--no-skeletons", dest="skeletons", action="store_false",
+                 help="skip the skeleton scores (ERL, merges, splits)")
   return p
 
 
@@ -117,9 +159,20 @@ def run(argv: list[str] | None = None) -> dict:
       raise UserError(f"{flag} {vol.name} has dtype {vol.dtype}; label volumes must hold "
                       "integer IDs")
   start, size, seg_start = _boxes(args, seg, truth)
-  result = evaluation.evaluate_segmentation(
-      seg.read(seg_start, size), truth.read(start, size),
-      pred_unlabelled=args.pred_unlabelled, truth_zero=args.truth_zero)
+  seg_box, truth_box = seg.read(seg_start, size), truth.read(start, size)
+  result = evaluation.evaluate_segmentation(seg_box, truth_box,
+                                            pred_unlabelled=args.pred_unlabelled,
+                                            truth_zero=args.truth_zero)
+  if args.skeletons:
+    t0 = time.perf_counter()
+    params = skeletons.SkeletonParams(voxel_size_zyx=args.voxel_size_zyx,
+                                      dust_voxels=args.skeleton_dust_voxels)
+    truth_skeletons, cached = skeletons.load_or_skeletonize(truth_box, params)
+    result.update(skeleton_metrics.evaluate_skeletons(
+        seg_box, truth_skeletons, params.voxel_size_zyx, args.skeleton_min_nodes))
+    result.update({"voxel_size_zyx": list(params.voxel_size_zyx),
+                   "skeleton_cache": "hit" if cached else "miss",
+                   "skeleton_s": round(time.perf_counter() - t0, 3)})
   result.update({
       "segmentation": args.segmentation, "truth": args.truth,
       "bbox_start_zyx": start.tolist(), "bbox_size_zyx": size.tolist(),

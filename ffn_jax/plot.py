@@ -3,7 +3,8 @@
   python -m ffn_jax.plot WORKDIR [WORKDIR ...] [--out curves.png] [--labels a,b]
 
 Panels: training loss, training F1, segmentation eval VI (solid; split and merge dashed and
-dotted) and training throughput (FOV/s); the top row against steps, the bottom row against
+dotted), eval expected run length (solid; dashed: the ERL a perfect segmentation reaches) and
+training throughput (FOV/s); the top row against steps, the bottom row against
 examples seen (steps x global batch), so runs with different batch sizes compare on either
 axis. Several work directories are overlaid, one colour each. Without ``--out`` the figure goes
 to ``WORKDIR/curves.png`` of the first run. Bad input prints one ``error:`` line and exits 2.
@@ -21,7 +22,10 @@ import sys
 from ffn_jax.errors import UserError
 
 PANELS = (("loss", "training loss"), ("f1", "training F1 (p >= 0.9)"),
-          ("vi", "eval VI (bits)"), ("fovs_per_s", "FOV/s"))
+          ("vi", "eval VI (bits)"), ("erl", "eval ERL"), ("fovs_per_s", "FOV/s"))
+EVAL_PANELS = {"vi": ("vi_split", "vi_merge"), "erl": ("erl_max",)}  # key: its extra lines
+_EXTRA_STYLES = ("--", ":")
+_TITLE_NOTES = {"vi": " (-- split, : merge)", "erl": " (-- perfect)"}
 
 
 def read_run(workdir: str) -> tuple[list[dict], list[dict]]:
@@ -63,7 +67,9 @@ def plot_runs(workdirs: list[str], out: str, labels: list[str] | None = None) ->
 
 def draw(workdirs: list[str], labels: list[str] | None = None):
   """The figure of ``workdirs``' curves: ``axes[row][col]``, rows (steps, examples), columns
-  ``PANELS``; one line per run and panel (three in the VI panel: VI, split, merge)."""
+  ``PANELS``; one line per run and panel (three in the VI panel: VI, split, merge; two in the
+  ERL panel: ERL, ERL of a perfect segmentation). A missing score (an eval record from before
+  ERL existed, or None) is a gap."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -80,25 +86,28 @@ def draw(workdirs: list[str], labels: list[str] | None = None):
       x_of = (lambda r: r["step"]) if xname == "step" else (lambda r: _examples(r, batch))
       for col, (key, _) in enumerate(PANELS):
         ax = axes[row][col]
-        records = evals if key == "vi" else train
+        records = evals if key in EVAL_PANELS else train
         if not records:
           continue
         xs = [x_of(r) for r in records]
-        ax.plot(xs, [r[key] for r in records], color=color, label=label,
-                marker="o" if key == "vi" else None, ms=3)
-        if key == "vi":
-          ax.plot(xs, [r["vi_split"] for r in records], color=color, ls="--", lw=0.8)
-          ax.plot(xs, [r["vi_merge"] for r in records], color=color, ls=":", lw=0.8)
+        ax.plot(xs, _values(records, key), color=color, label=label,
+                marker="o" if key in EVAL_PANELS else None, ms=3)
+        for extra, ls in zip(EVAL_PANELS.get(key, ()), _EXTRA_STYLES):
+          ax.plot(xs, _values(records, extra), color=color, ls=ls, lw=0.8)
   for col, (key, title) in enumerate(PANELS):
     for row, xname in enumerate(("steps", "examples seen")):
       ax = axes[row][col]
-      ax.set_title(title + (" (-- split, : merge)" if key == "vi" else ""), fontsize=9)
+      ax.set_title(title + _TITLE_NOTES.get(key, ""), fontsize=9)
       ax.set_xlabel(xname, fontsize=8)
       ax.tick_params(labelsize=7)
       ax.grid(alpha=0.3)
   axes[0][0].legend(fontsize=7)
   fig.tight_layout()
   return fig
+
+
+def _values(records: list[dict], key: str) -> list[float]:
+  return [float("nan") if r.get(key) is None else r[key] for r in records]
 
 
 def main(argv: list[str] | None = None) -> None:

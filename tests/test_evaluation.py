@@ -307,10 +307,11 @@ def test_cli_bad_input_one_line_exit_2(zarrs, case):
 # -------------------------------------------------------------------------------- real data
 def test_official_google_segmentation_on_c64():
   """Google's published segmentation on c64, pinned: VI 0.8392 (split 0.5748, merge 0.2644),
-  ARE 0.0613, 33 segments over 21 neurons, 95.57 % labelled (docs/quality.md uses these)."""
+  ARE 0.0613, 33 segments over 21 neurons, 95.57 % labelled; ERL 2,046 of 2,660 nm on 11
+  skeletons (kimimaro 5.8), no merge, 4 splits (docs/quality.md uses these)."""
   seg = shared_data("google_ffn_fib25", "official_segmentation_training_sample2.zarr")
   truth = shared_data("fib25_training_sample2", "labels.zarr")
-  proc = _run_cli("--segmentation", seg, "--truth", truth,
+  proc = _run_cli("--segmentation", seg, "--truth", truth, "--voxel-size-zyx", "10,10,10",
                   "--bbox-start-zyx", "93,93,93", "--bbox-size-zyx", "64,64,64")
   assert proc.returncode == 0, proc.stderr
   out = json.loads(proc.stdout)
@@ -320,3 +321,9 @@ def test_official_google_segmentation_on_c64():
   assert out["are"] == pytest.approx(0.061337, abs=1e-5)
   assert (out["segments_pred"], out["segments_truth"], out["voxels"]) == (33, 21, 64 ** 3)
   assert out["fraction_labelled"] == pytest.approx(0.955681, abs=1e-5)
+  assert out["erl"] == pytest.approx(2045.95, rel=1e-4)
+  assert out["erl_max"] == pytest.approx(2659.16, rel=1e-4)
+  assert out["erl_voxels"] == pytest.approx(out["erl"] / 10)
+  assert out["skeleton_length"] == pytest.approx(12668.96, rel=1e-4)
+  assert (out["skeletons"], out["merges"], out["splits"]) == (11, 0, 4)
+  assert out["omitted"] == pytest.approx(0.0630, abs=1e-4)

@@ -13,10 +13,12 @@ import pytest
 
 from conftest import REPO, cli_env, read_metrics, run_train
 from ffn_jax import checkpoint
+from ffn_jax.errors import UserError
 from ffn_jax.training import periodic
 
 EVAL_KEYS = {"eval", "step", "examples", "vi", "vi_split", "vi_merge", "are", "segments",
-             "fraction_labelled", "fov_calls", "eval_s"}
+             "fraction_labelled", "fov_calls", "eval_s", "erl", "erl_voxels", "erl_max",
+             "skeleton_length", "merges", "splits", "omitted"}
 
 
 def _evals(workdir):
@@ -44,7 +46,12 @@ def test_eval_records_on_schedule_and_best_checkpoint(trained):
     assert r["examples"] == r["step"] * 2  # tiny: global batch 2
     assert np.isfinite(r["vi"]) and r["vi"] == pytest.approx(r["vi_split"] + r["vi_merge"])
     assert 0 <= r["fraction_labelled"] <= 1 and r["fov_calls"] > 0 and r["eval_s"] > 0
-  assert "eval at step 10: VI" in proc.stdout
+    assert 0 <= r["erl"] <= r["erl_max"] and 0 <= r["omitted"] <= 1
+    assert r["merges"] >= 0 and r["splits"] >= 0
+  # The ceiling is that of the eval labels' own skeletons (voxel units: eval.voxel_size_zyx).
+  assert evals[0]["erl_max"] == pytest.approx(_erl_max_of_the_eval_labels())
+  assert len({r["erl_max"] for r in evals}) == 1
+  assert "eval at step 10: VI" in proc.stdout and "ERL" in proc.stdout
   final = records[-1]
   assert final["final"] and 0 < final["eval_fraction"] < 1 and final["time_eval_s"] > 0
   # WORKDIR/best holds the parameters of the lowest VI, with its eval record.
@@ -54,6 +61,59 @@ def test_eval_records_on_schedule_and_best_checkpoint(trained):
   params, meta = checkpoint.load_params(str(tmp_path), kind="best")
   assert meta["eval"]["vi"] == pytest.approx(best_vi) and meta["eval"]["step"] == best_step
   assert meta["model"]["depth"] == 2 and set(params) >= {"conv0_a", "conv_lom"}
+
+
+def _erl_max_of_the_eval_labels():
+  """ERL of the tiny config's eval labels scored against themselves (a perfect segmentation)."""
+  sys.path.insert(0, str(REPO))
+  from configs import tiny
+  from ffn_jax import skeleton_metrics, skeletons
+  from ffn_jax.training.seg_eval import load_eval_volumes
+  _, labels = load_eval_volumes(tiny.get_config())
+  skels, _ = skeletons.load_or_skeletonize(labels, skeletons.SkeletonParams())
+  m = skeleton_metrics.evaluate_skeletons(labels, skels)
+  assert m["erl"] == m["erl_max"] > 0 and (m["merges"], m["splits"]) == (0, 0)
+  return m["erl_max"]
+
+
+@pytest.mark.slow
+def test_best_metric_erl_keeps_the_highest_erl_checkpoint(tmp_path):
+  proc = run_train(tmp_path, "--config.max_steps=25", "--config.eval.every_steps=10",
+                   "--config.eval.best_metric=erl")
+  assert proc.returncode == 0, proc.stderr
+  evals = _evals(tmp_path)
+  assert [r["step"] for r in evals] == [10, 20, 25]
+  # Strictly better replaces: the first eval with the highest ERL is kept, and "best" marks
+  # each new maximum.
+  best_erl = max(r["erl"] for r in evals)
+  best_step = min(r["step"] for r in evals if r["erl"] == best_erl)
+  running = [r["erl"] > max([-1.0] + [q["erl"] for q in evals[:i]])
+             for i, r in enumerate(evals)]
+  assert [r["best"] for r in evals] == running
+  _, meta = checkpoint.load_params(str(tmp_path), kind="best")
+  assert meta["eval"]["step"] == best_step and meta["eval"]["erl"] == pytest.approx(best_erl)
+
+
+def test_best_params_by_erl_keeps_the_highest_and_reads_it_back(tmp_path):
+  params = {"w": np.zeros(2, np.float32)}
+  best = checkpoint.BestParams(str(tmp_path / "best"), "erl")
+  offers = [(1, 2.0), (2, 5.0), (3, 4.0), (4, None), (5, 5.0)]
+  assert [best.offer(s, params, {"erl": e, "vi": 1.0 / s}, {}) for s, e in offers] == [
+      True, True, False, False, False]
+  best.manager.close()
+  again = checkpoint.BestParams(str(tmp_path / "best"), "erl")
+  assert again.score == 5.0
+  assert not again.offer(6, params, {"erl": 4.9}, {}) and again.offer(7, params, {"erl": 6}, {})
+  again.manager.close()
+  _, meta = checkpoint.load_params(str(tmp_path / "best"))
+  assert meta["eval"] == {"erl": 6}
+  # By VI the same directory's record reads back as its VI to beat (lower is better).
+  by_vi = checkpoint.BestParams(str(tmp_path / "best"), "vi")
+  assert by_vi.score is None  # the last record has no "vi"
+  assert by_vi.offer(8, params, {"vi": 2.0}, {}) and not by_vi.offer(9, params, {"vi": 2.5}, {})
+  by_vi.manager.close()
+  with pytest.raises(UserError, match="best metric"):
+    checkpoint.BestParams(str(tmp_path / "other"), "are")
 
 
 def _infer(workdir, out, *extra):
@@ -121,6 +181,9 @@ def test_time_based_eval_under_two_ranks_does_not_desync(tmp_path):
 def test_bad_eval_settings_are_one_line_errors(tmp_path):
   for override, text in (("--config.eval.rank=3", "eval.rank=3"),
                          ("--config.eval.inference.segment_threshold=1.5", "segment_threshold"),
+                         ("--config.eval.best_metric=are", "eval.best_metric"),
+                         ("--config.eval.skeleton_min_nodes=0", "eval.skeleton_min_nodes"),
+                         ("--config.eval.voxel_size_zyx=(1,0,1)", "eval.voxel_size_zyx"),
                          (f"--config.eval.image={tmp_path}/none.zarr", "eval.labels")):
     proc = run_train(tmp_path / "w", "--config.max_steps=2", "--config.eval.every_steps=1",
                      override)
@@ -156,7 +219,7 @@ def test_tensorboard_scalars_match_metrics_jsonl(trained):
       scalars[(v.tag, event.step)] = v.simple_value
   for r in read_metrics(tmp_path):
     prefix = "eval/" if r.get("eval") else "final/" if r.get("final") else ""
-    for key in ("loss", "f1", "fovs_per_s", "vi", "vi_merge", "are", "wall_s"):
+    for key in ("loss", "f1", "fovs_per_s", "vi", "vi_merge", "are", "erl", "merges", "wall_s"):
       if key in r:
         assert scalars[(prefix + key, r["step"])] == pytest.approx(r[key], rel=1e-6), key
 
@@ -179,7 +242,8 @@ def test_periodic_action_schedules():
 @pytest.mark.slow
 def test_plot_draws_each_runs_records(trained, tmp_path):
   """Every panel holds each run's numbers from metrics.jsonl, against steps (top row) and
-  examples = step x global batch (bottom row); the VI panel adds split and merge."""
+  examples = step x global batch (bottom row); the VI panel adds split and merge, the ERL panel
+  the ERL of a perfect segmentation."""
   from ffn_jax import plot
   shutil.copytree(trained[0], tmp_path / "a")
   shutil.copytree(trained[0], tmp_path / "b")
@@ -203,6 +267,12 @@ def test_plot_draws_each_runs_records(trained, tmp_path):
   assert len(vi_lines) == 6  # (VI, split, merge) per run
   for line, key in zip(vi_lines[:3], ("vi", "vi_split", "vi_merge")):
     np.testing.assert_allclose(line.get_ydata(), [r[key] for r in evals])
+  erl_lines = axes[1][3].lines
+  assert len(erl_lines) == 4  # (ERL, perfect ERL) per run
+  for line, key in zip(erl_lines[:2], ("erl", "erl_max")):
+    np.testing.assert_allclose(line.get_ydata(), [r[key] for r in evals])
+  np.testing.assert_array_equal(erl_lines[2].get_xdata(), [r["examples"] for r in evals])
+  assert axes[0][3].get_title().startswith("eval ERL")
   assert [t.get_text() for t in axes[0][0].get_legend().get_texts()] == ["A", "B"]
 
 

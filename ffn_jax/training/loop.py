@@ -170,7 +170,7 @@ def _loop(config, workdir, dist, watchdog, log, manager, writer, schedule, examp
 
   best = None
   if evaluator is not None and config.eval.keep_best and dist.is_primary:
-    best = ckpt_lib.BestParams(ckpt_lib.best_dir(workdir))
+    best = ckpt_lib.BestParams(ckpt_lib.best_dir(workdir), config.eval.get("best_metric", "vi"))
 
   def evaluate(at_step):
     nonlocal eval_s_in_window
@@ -182,8 +182,10 @@ def _loop(config, workdir, dist, watchdog, log, manager, writer, schedule, examp
     if best is not None:
       record["best"] = best.offer(at_step, params, record, _run_meta(config, dist, global_batch))
     writer.write(record)
+    erl = "n/a" if record["erl"] is None else f"{record['erl']:.1f} of {record['erl_max']:.1f}"
     log(f"eval at step {at_step}: VI {record['vi']:.3f} (split {record['vi_split']:.3f}, merge "
-        f"{record['vi_merge']:.3f}) ARE {record['are']:.3f}, {record['segments']} segments, "
+        f"{record['vi_merge']:.3f}) ARE {record['are']:.3f}, ERL {erl} ({record['merges']} "
+        f"merges, {record['splits']} splits), {record['segments']} segments, "
         f"{100 * record['fraction_labelled']:.0f}% labelled, {record['fov_calls']} FOVs, "
         f"{record['eval_s']:.1f} s" + (" (best so far)" if record.get("best") else ""))
     watchdog.beat(f"after evaluating at step {at_step}")

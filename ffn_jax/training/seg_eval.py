@@ -7,6 +7,11 @@ the first evaluation and reused with new parameters after that. ``__call__(param
 on the rank ``eval.rank`` (every rank holds the same parameters, so the result does not depend
 on which one floods); the others wait without spinning a core and receive the record.
 
+Besides VI and adapted Rand error the record holds the skeleton scores of
+``ffn_jax.skeleton_metrics`` (``erl``, ``erl_max``, ``merges``, ``splits``, ``omitted``, ...):
+the eval labels are skeletonized once, on the flooding rank (``ffn_jax.skeletons``, cached on
+disk), with lengths in units of ``eval.voxel_size_zyx`` (voxels by default).
+
 The flood settings are ``config.eval``'s own copy of infer.py's (``inference.*``, seed policy,
 batch size: ``configs/fib25_infer.add_flood_settings``) and the code is infer.py's
 (``runner.make_canvas``, ``runner.seed_coords``, ``runner.make_predictor``).
@@ -19,11 +24,16 @@ from typing import Callable
 import numpy as np
 
 from ffn_jax import conv as conv_lib
-from ffn_jax import evaluation
+from ffn_jax import evaluation, skeleton_metrics, skeletons
 from ffn_jax.data import synthetic
 from ffn_jax.errors import UserError
 from ffn_jax.inference import padding, runner
 from ffn_jax.training.setup import read_labelled_box
+
+
+# The skeleton scores an eval record carries (ffn_jax.skeleton_metrics).
+SKELETON_KEYS = ("erl", "erl_voxels", "erl_max", "skeleton_length", "merges", "splits",
+                 "omitted")
 
 
 def enabled(config) -> bool:
@@ -77,10 +87,18 @@ class SegmentationEval:
       raise UserError(f"eval: {e}") from None
     self._predictor = None
     self.border = padding.BorderPadding(self.cfg, model)
+    self.voxel_size_zyx = tuple(self.cfg.get("voxel_size_zyx", (1.0, 1.0, 1.0)))
+    self.min_nodes = int(self.cfg.get("skeleton_min_nodes", skeleton_metrics.DEFAULT_MIN_NODES))
     if dist.rank == self.root:
       image, self.labels = load_eval_volumes(config)
       self.image = self.border.pad(image)
       self.seeds = self.border.inside(runner.seed_coords(self.cfg, self.image), self.image.shape)
+      self.skeletons, _ = skeletons.load_or_skeletonize(
+          self.labels, skeletons.SkeletonParams(voxel_size_zyx=self.voxel_size_zyx))
+      if self.cfg.get("best_metric", "vi") == "erl" and self.cfg.keep_best and not any(
+          len(s.edges) for s in self.skeletons):
+        raise UserError("eval.best_metric=erl needs skeletons, but no eval label has one (each "
+                        f"has fewer than {skeletons.SkeletonParams.dust_voxels} voxels)")
 
   def _flood(self, params) -> tuple[np.ndarray, dict]:
     if self._predictor is None:
@@ -99,9 +117,12 @@ class SegmentationEval:
     if self.dist.rank == self.root:
       seg, counters = self._flood(params)
       m = evaluation.evaluate_segmentation(seg, self.labels)
+      s = skeleton_metrics.evaluate_skeletons(seg, self.skeletons, self.voxel_size_zyx,
+                                              self.min_nodes)
       record = {"vi": m["vi"], "vi_split": m["vi_split"], "vi_merge": m["vi_merge"],
                 "are": m["are"], "segments": int(counters.get("segments", 0)),
                 "fraction_labelled": m["fraction_labelled"],
-                "fov_calls": int(counters.get("fov_calls", 0))}
+                "fov_calls": int(counters.get("fov_calls", 0)),
+                **{k: s[k] for k in SKELETON_KEYS}}
     record = self.dist.bcast(record, root=self.root, heartbeat=self.heartbeat)
     return {**record, "eval_s": time.perf_counter() - t0}

@@ -8,10 +8,12 @@ import jax
 import numpy as np
 
 from ffn_jax import parallel
+from ffn_jax.checkpoint import BEST_METRICS
 from ffn_jax.data import partitions, synthetic
 from ffn_jax.data.examples import RecurrentExamples
 from ffn_jax.data.volumes import open_volume
 from ffn_jax.errors import UserError
+from ffn_jax.skeleton_metrics import DEFAULT_MIN_NODES
 
 
 # -- config --------------------------------------------------------------------------------------
@@ -77,6 +79,15 @@ def validate_config(config) -> None:
          e.batch_size)
     zyx("eval.box_start_zyx", e.box_start_zyx, 0)
     zyx("eval.box_size_zyx", e.box_size_zyx, 1, allow_empty=True)
+    need(e.get("best_metric", "vi") in BEST_METRICS, "eval.best_metric",
+         f"one of {sorted(BEST_METRICS)}", e.get("best_metric", "vi"))
+    min_nodes = e.get("skeleton_min_nodes", DEFAULT_MIN_NODES)
+    need(integer(min_nodes) and min_nodes >= 1, "eval.skeleton_min_nodes", "an integer >= 1",
+         min_nodes)
+    voxel_size = e.get("voxel_size_zyx", (1.0, 1.0, 1.0))
+    need(isinstance(voxel_size, (tuple, list)) and len(voxel_size) == 3
+         and all(number(v) and v > 0 for v in voxel_size), "eval.voxel_size_zyx",
+         "3 numbers > 0 (z, y, x)", voxel_size)
 
 
 # Fields added after the first configs were written: configs of one's own may lack them.
