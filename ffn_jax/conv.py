@@ -154,7 +154,7 @@ def native_bf16() -> tuple[bool, str]:
       return True, f"oneDNN multiplies bfloat16 natively on this CPU ({detail})"
     if runs:
       return False, f"oneDNN only emulates bfloat16 on this CPU ({cpu_bf16_units()})"
-    return False, f"oneDNN cannot build a bfloat16 convolution here ({cpu_bf16_units()}; {detail})"
+    return False, onednn_bf16()[1]
   capability = getattr(jax.devices()[0], "compute_capability", None)
   try:
     major = int(str(capability).split(".")[0])
