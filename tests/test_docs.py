@@ -48,6 +48,8 @@ RUN_BY = {
         "test_bench.py::test_train_throughput_on_the_documented_configs"],
     ("bench/scaling.py", ""): ["test_bench.py::test_scaling_quick_two_ranks_end_to_end"],
     ("bench/scaling_model.py", ""): ["test_bench.py::test_scaling_model_measures_and_projects"],
+    # These two run on configs/tiny.py (the synthetic config shrunk): a study of 4 or 2
+    # training runs on fib25 or synthetic does not fit the suite's time.
     ("bench/lr_batch_study.py", ""): ["test_bench.py::test_lr_batch_study_end_to_end"],
     ("bench/lr_batch_study.py", "configs/synthetic.py"): [
         "test_bench.py::test_lr_batch_study_end_to_end"],
