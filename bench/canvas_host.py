@@ -35,7 +35,7 @@ sys.path.insert(1, HERE)
 import _common  # noqa: E402
 from ffn_jax.data import volumes  # noqa: E402
 from ffn_jax.inference import canvas as canvas_lib  # noqa: E402
-from ffn_jax.inference import runner  # noqa: E402
+from ffn_jax.inference import settings  # noqa: E402
 from configs import fib25_infer  # noqa: E402  (_common put the repository on the path)
 
 CROPS = _common.FIB25_CROPS
@@ -73,7 +73,7 @@ def oracle(labels: np.ndarray, timer: list):
 def run_once(labels: np.ndarray, coords: np.ndarray, batch_size: int) -> dict:
   timer: list = []
   index = np.arange(labels.size, dtype=np.float32).reshape(labels.shape)  # exact below 2**24
-  options = runner.options_from_config(fib25_infer.get_config())
+  options = settings.flood_options(fib25_infer.get_config())
   canvas = canvas_lib.Canvas(index, oracle(labels, timer), batch_size, FOV, DELTAS, options)
   canvas.set_seeds(coords)
   t0 = time.perf_counter()
@@ -106,7 +106,8 @@ def main(argv=None) -> int:
       (start,) * 3, (size,) * 3)
   raw = read("image.zarr")
   labels = read("labels.zarr").astype(np.int64)
-  coords = runner.seed_coords(fib25_infer.get_config(), (raw.astype(np.float32) - 128.0) / 33.0)
+  coords = settings.seed_coords(fib25_infer.get_config(),
+                               volumes.normalize(raw, 128.0, 33.0))
   print(json.dumps({"code": os.path.dirname(os.path.abspath(ffn_jax.__file__)),
                     **_common.machine(), "crop": args.crop, "seeds": len(coords)}))
   runs = [run_once(labels, coords, args.batch_size) for _ in range(args.repeats)]

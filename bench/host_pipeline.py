@@ -56,8 +56,8 @@ def build(config, prefetch: int = 0):
   """The config's RecurrentExamples for rank 0 of 1 (coordinates from the shared cache)."""
   from ffn_jax.data import partitions
   from ffn_jax.data.examples import RecurrentExamples
-  from ffn_jax.training import setup
-  image, labels, block = setup.load_training_volumes(config)
+  from ffn_jax.training import data
+  image, labels, block = data.load_training_volumes(config)
   d = config.data
   coords = partitions.cached_coordinates(
       labels, d.thresholds, d.lom_radius_zyx, d.min_size, tuple(int(b) // 2 for b in block),

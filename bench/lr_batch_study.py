@@ -153,7 +153,7 @@ def evaluate(params, config, fovs: dict, batch_size: int = 8) -> dict:
   import numpy as np
 
   from ffn_jax import losses
-  from ffn_jax.training.loop import build_model
+  from ffn_jax.training.state import build_model
   model = build_model(config)
 
   @jax.jit
@@ -177,7 +177,7 @@ def segment_heldout(params, config, val_seed: int, val_box=None) -> dict:
   """Held-out segmentation VI: the final parameters flood the held-out data with the training
   loop's segmentation eval (infer.py's code, ``config.eval``'s flood settings)."""
   from ffn_jax import parallel
-  from ffn_jax.training import loop, seg_eval
+  from ffn_jax.training import seg_eval, state
   config = config.copy_and_resolve_references()
   e = config.eval
   if val_box is None:
@@ -186,7 +186,7 @@ def segment_heldout(params, config, val_seed: int, val_box=None) -> dict:
     e.image, e.labels = config.data.image, config.data.labels
     e.box_start_zyx, e.box_size_zyx = val_box
   scores = seg_eval.SegmentationEval(config, parallel.Dist(),
-                                     loop.model_meta(config)["model"])(params)
+                                     state.model_meta(config)["model"])(params)
   return {"val_vi": scores["vi"], "val_vi_split": scores["vi_split"],
           "val_vi_merge": scores["vi_merge"], "val_are": scores["are"],
           "val_segments": scores["segments"], "val_eval_s": scores["eval_s"]}

@@ -8,8 +8,8 @@
 
 Any ``configs/fib25_infer.py`` override goes as ``--config.NAME=VALUE`` (``border_padding``,
 ``seed_policy``, ...). The seed policy runs once over the whole bbox keyed to volume coordinates
-(``runner.job_seeds(..., keyed=True)``), then, for each halo, over every tile's block and that
-halo (``runner.job_seeds(..., block=, halo=)``, as ``infer.py`` does with ``tile_seeds=halo``).
+(``InferenceJob.seeds(bbox, keyed=True)``), then, for each halo, over every tile's block and that
+halo (``InferenceJob.seeds(bbox, block=, halo=)``, as ``infer.py`` does with ``tile_seeds=halo``).
 Per halo: tiles whose seed list equals the pass's share exactly, seeds the tiles add or lack
 against it, the largest window's voxels and the median seconds per tile. Only the seed policy
 runs (no FFN). Last line: one JSON object.
@@ -27,7 +27,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
-from ffn_jax.inference import padding, runner, tiling  # noqa: E402
+from ffn_jax.inference import job as job_lib  # noqa: E402
+from ffn_jax.inference import padding, tiling  # noqa: E402
 
 
 def block_of(seeds: np.ndarray, start, size) -> np.ndarray:
@@ -40,13 +41,12 @@ def main(argv=None) -> dict:
   ap.add_argument("--halos", type=int, nargs="+", default=[0, 16, 32, 48, 64])
   args, overrides = ap.parse_known_args(argv)
   config = _common.load_config("configs/fib25_infer.py", overrides)
-  _, model, mean, sd, _ = runner.load_model(config)
-  source, image_desc = runner.load_image(config)
-  bbox = runner.resolve_bbox(source.shape, config.bbox_start_zyx, config.bbox_size_zyx)
+  job = job_lib.InferenceJob.open(config)
+  model, image_desc, bbox = job.model, job.image_desc, job.bbox()
   tiles = tiling.plan(bbox[0], bbox[1], config.tile_size_zyx, config.tile_overlap_zyx)
   border = padding.BorderPadding(config, model)
   t0 = time.perf_counter()
-  whole = runner.job_seeds(config, model, source, bbox, mean, sd, keyed=True)
+  whole = job.seeds(bbox, keyed=True)
   whole_s = time.perf_counter() - t0
   print(f"{image_desc}: bbox {bbox[0]} + {bbox[1]}, {len(tiles)} tiles of "
         f"{tuple(config.tile_size_zyx)}, border_padding={config.border_padding}, "
@@ -59,15 +59,14 @@ def main(argv=None) -> dict:
     seconds, largest = [], 0
     for t in tiles:
       t1 = time.perf_counter()
-      got = runner.job_seeds(config, model, source, bbox, mean, sd, block=(t.start, t.size),
-                             halo=halo)
+      got = job.seeds(bbox, block=(t.start, t.size), halo=halo)
       seconds.append(time.perf_counter() - t1)
       want = block_of(whole, t.start, t.size)
       equal += int(np.array_equal(got, want))
       have, need = set(map(tuple, got)), set(map(tuple, want))
       added += len(have - need)
       lacking += len(need - have)
-      lo, hi = runner.seed_window(border, bbox, (t.start, t.size), halo)
+      lo, hi = job_lib.seed_window(border, bbox, (t.start, t.size), halo)
       largest = max(largest, int(np.prod(hi - lo)))
     row = {"halo": halo, "tiles_equal": equal, "tiles": len(tiles), "seeds_added": added,
            "seeds_lacking": lacking, "largest_window_voxels": largest,

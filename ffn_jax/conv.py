@@ -221,6 +221,17 @@ def select(impl: str = "auto", compute_dtype: str = "auto") -> tuple[str, str, s
   return route, compute_dtype, why
 
 
+def choose(impl: str = "auto", compute_dtype: str = "auto", where: str = "") -> tuple[str, str, str]:
+  """``select`` for train.py, infer.py and the training eval alike: (route, dtype, why), with a
+  bad or unavailable choice raised as a ``UserError`` (one line, exit 2) prefixed by ``where``
+  (the config section, e.g. ``model`` or ``eval``)."""
+  from ffn_jax.errors import UserError
+  try:
+    return select(str(impl), str(compute_dtype))
+  except ValueError as e:
+    raise UserError(f"{where}: {e}" if where else str(e)) from None
+
+
 def available_routes() -> list[str]:
   """Routes usable here (``onednn`` only where its extension builds and loads)."""
   return ["auto", *(r for r in _ROUTES if r not in _NEEDS_ONEDNN or _onednn.available())]
@@ -254,3 +265,25 @@ def conv3d(x_BZYXC, kernel_ZYXIO, bias_O=None, impl: str = "auto", precision=Non
   if bias_O is not None:
     y = y + bias_O
   return y
+
+
+_FUSED: dict[str, Callable] = {
+    "onednn": _onednn.conv3d_fused,
+    "onednn_bf16": functools.partial(_onednn.conv3d_fused, bf16=True),
+}
+
+
+def conv3d_block(x_BZYXC, kernel_ZYXIO, bias_O=None, *, impl: str = "auto", relu: bool = False,
+                 residual_BZYXO=None):
+  """``relu?(conv3d(x, kernel) + bias [+ residual])`` through route ``impl`` (SAME, stride 1).
+
+  The oneDNN routes do it in one kernel (post-ops); every other route composes ``conv3d`` with
+  the add and the ReLU, which is exactly what the unfused model wrote (bitwise the same)."""
+  name = resolve(impl)
+  fused = _FUSED.get(name)
+  if fused is not None:
+    return fused(x_BZYXC, kernel_ZYXIO, bias_O, relu=relu, residual_BZYXO=residual_BZYXO)
+  y = conv3d(x_BZYXC, kernel_ZYXIO, bias_O, impl=name)
+  if residual_BZYXO is not None:
+    y = residual_BZYXO + y
+  return jax.nn.relu(y) if relu else y

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ffn_jax.ops import fused
+from ffn_jax import conv as conv_lib
 
 
 # Conv kernel initializers by name. ``glorot_uniform`` is what Google's current
@@ -41,7 +41,7 @@ class Conv3D(nn.Module):
   """SAME 3-D convolution with bias whose compute route is selectable (see ``ffn_jax.conv``).
 
   Computes ``relu?(conv(x) + bias [+ residual])``; routes that can fuse the add and the ReLU into
-  the conv kernel do (``ffn_jax.ops.fused``).
+  the conv kernel do (``ffn_jax.conv.conv3d_block``).
   """
   features: int
   kernel_size: tuple[int, int, int] = (3, 3, 3)
@@ -54,7 +54,7 @@ class Conv3D(nn.Module):
     kernel = self.param("kernel", kernel_initializer(self.kernel_init),
                         (*self.kernel_size, cin, self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-    return fused.conv3d_block(x_BZYXC, kernel, bias, impl=self.impl, relu=relu,
+    return conv_lib.conv3d_block(x_BZYXC, kernel, bias, impl=self.impl, relu=relu,
                               residual_BZYXO=residual_BZYXO)
 
 

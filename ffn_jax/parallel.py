@@ -1,9 +1,11 @@
-"""Everything about distribution lives here: MPI ranks, local devices, gradient averaging,
-broadcast from rank 0, barriers, gathers, and "only rank 0 writes".
+"""Everything about distribution lives here: MPI ranks, local devices, the collectives (the
+gradient allreduce, broadcast from rank 0, barriers, gathers, agreement), and "only rank 0
+writes". The train step that uses them is ``ffn_jax.training.distributed.DistributedStep``.
 
-Gradients are averaged over the local devices inside ``jax.pmap`` with ``lax.pmean``, then summed
-across MPI ranks with ``mpi4jax.allreduce`` on one flattened buffer (gradients + step stats),
-once per step, inside the jitted update (mpi4jax cannot run inside a pmap over several devices).
+Gradients are averaged over the local devices inside ``jax.pmap`` with ``lax.pmean`` (axis
+``DEVICE_AXIS``), then over MPI ranks with ``allreduce_mean``: ``mpi4jax.allreduce`` on one
+flattened buffer (gradients + step stats), once per step, inside the jitted update (mpi4jax
+cannot run inside a pmap over several devices).
 Without an MPI launcher the code runs as a single rank and never imports MPI.
 """
 from __future__ import annotations
@@ -16,13 +18,10 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax import lax
 from jax.flatten_util import ravel_pytree
 
-from ffn_jax.training import step as step_lib
-
 _MPI_ENV = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
-_AXIS = "devices"
+DEVICE_AXIS = "devices"  # the pmap axis the local devices average gradients over
 
 
 def launched_with_mpi() -> bool:
@@ -166,60 +165,16 @@ def rank_device(dist: Dist):
   return pick_device(jax.local_devices(), node_rank(dist)[0])
 
 
-class DistributedStep:
-  """The synchronous data-parallel train step of this rank.
-
-  ``__call__(state, batch_BZYX1)`` splits the rank's batch over local devices, runs the pmapped
-  gradient (pmean over devices), then one jitted update that allreduces the flattened gradient
-  across ranks and applies the optimizer. Returns (state, stats, logits, timings).
-  """
-
-  def __init__(self, dist: Dist, model, tx):
-    self.dist = dist
-    devices = dist.devices
-    self.num_devices = len(devices)
-
-    def local_grads(params, batch):
-      grads, stats, logits = step_lib.grads_and_stats(params, batch, model=model)
-      return lax.pmean(grads, _AXIS), lax.pmean(stats, _AXIS), logits
-
-    # in_axes=None: pmap hands the same params to every local device.
-    self._grads = jax.pmap(local_grads, axis_name=_AXIS, in_axes=(None, 0), devices=devices)
-    size, comm = dist.size, dist.comm
-
-    def update(state, grads_1, stats_1):
-      grads = jax.tree_util.tree_map(lambda g: g[0], grads_1)
-      stats = jax.tree_util.tree_map(lambda s: s[0], stats_1)
-      if size > 1:
-        import mpi4jax
-        from mpi4py import MPI
-        flat, unravel = ravel_pytree((grads, stats))
-        flat = mpi4jax.allreduce(flat, op=MPI.SUM, comm=comm) / size
-        grads, stats = unravel(flat)
-      return step_lib.apply_update(state, grads, tx=tx), stats
-
-    self._update = jax.jit(update, donate_argnums=0)
-
-  def shard(self, array_B):
-    b = array_B.shape[0]
-    if b % self.num_devices:
-      raise ValueError(f"batch of {b} does not split over {self.num_devices} local devices")
-    return array_B.reshape(self.num_devices, b // self.num_devices, *array_B.shape[1:])
-
-  def __call__(self, state, batch: dict):
-    t0 = time.perf_counter()
-    batch_D = {k: self.shard(v) for k, v in batch.items()}
-    grads_D, stats_D, logits_D = self._grads(state.params, batch_D)
-    first = lambda x: x.addressable_shards[0].data
-    grads_1 = jax.tree_util.tree_map(first, grads_D)
-    stats_1 = jax.tree_util.tree_map(first, stats_D)
-    jax.block_until_ready(grads_1)
-    t1 = time.perf_counter()
-    state, stats = self._update(state, grads_1, stats_1)
-    stats = jax.device_get(stats)
-    t2 = time.perf_counter()
-    logits = np.asarray(logits_D).reshape(-1, *logits_D.shape[2:])
-    return state, stats, logits, {"time_step_s": t1 - t0, "time_allreduce_s": t2 - t1}
+def allreduce_mean(flat, dist: Dist):
+  """Inside ``jax.jit``: the mean over ranks of one flat array, as one MPI allreduce (a sum,
+  then divided by the rank count); the array itself on one rank. mpi4jax cannot run inside a
+  pmap over several devices: average over local devices first (``lax.pmean`` over
+  ``DEVICE_AXIS``), then call this on one device's copy."""
+  if dist.size == 1:
+    return flat
+  import mpi4jax
+  from mpi4py import MPI
+  return mpi4jax.allreduce(flat, op=MPI.SUM, comm=dist.comm) / dist.size
 
 
 def put_on_first_device(tree, dist: Dist):

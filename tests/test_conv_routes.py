@@ -14,7 +14,7 @@ import pytest
 
 from ffn_jax import conv as conv_lib
 from ffn_jax import model as model_lib
-from ffn_jax.ops import build, fused, onednn
+from ffn_jax.ops import build, onednn
 
 ONEDNN_SKIP = pytest.mark.skipif(not onednn.available(),
                                  reason=f"oneDNN extension unavailable: {onednn.unavailable_reason()}")
@@ -96,7 +96,7 @@ def test_forward_and_gradients_match_xla(route, shape_x, kernel, cout):
 def test_fused_block_matches_composition(route, relu, with_residual):
   x, w, b, r, ct = _inputs((2, 5, 4, 6, 4), (3, 3, 3), 4, seed=1)
   r = r if with_residual else None
-  block = lambda x, w, b, r: fused.conv3d_block(x, w, b, impl=route, relu=relu, residual_BZYXO=r)
+  block = lambda x, w, b, r: conv_lib.conv3d_block(x, w, b, impl=route, relu=relu, residual_BZYXO=r)
   ref = lambda x, w, b, r: _reference(x, w, b, r, relu)
   tol = TOL.get(route, 2e-5)
   _close(jax.jit(block)(x, w, b, r), jax.jit(ref)(x, w, b, r), tol)
@@ -121,7 +121,7 @@ def test_onednn_batch_split_matches_one_multithreaded_call(route):
   # Batch 4 on 2+ threads runs as per-thread sub-batches; the kernel gradients are summed.
   x, w, b, r, ct = _inputs((4, 3, 4, 5, 6), (3, 3, 3), 6, seed=7)
   def run():
-    f = lambda x, w, b, r: fused.conv3d_block(x, w, b, impl=route, relu=True, residual_BZYXO=r)
+    f = lambda x, w, b, r: conv_lib.conv3d_block(x, w, b, impl=route, relu=True, residual_BZYXO=r)
     grads = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * ct), argnums=(0, 1, 2, 3)))(x, w, b, r)
     return (jax.jit(f)(x, w, b, r), *grads)
   split = run()

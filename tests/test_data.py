@@ -168,27 +168,28 @@ def test_prefetched_examples_give_identical_batches_and_state_across_a_restore()
 
 def test_prefetch_setting_is_validated_and_auto_is_off_on_cpu():
   from configs import tiny
-  from ffn_jax.training import setup
+  from ffn_jax.training import config as config_lib
+  from ffn_jax.training import data
   config = tiny.get_config()
-  assert config.data.prefetch_examples == -1 and setup.prefetch_examples(config, 8) == 0  # CPU
+  assert config.data.prefetch_examples == -1 and data.prefetch_examples(config, 8) == 0  # CPU
   config.data.prefetch_examples = 5
-  assert setup.prefetch_examples(config, 8) == 5
+  assert data.prefetch_examples(config, 8) == 5
   config.data.prefetch_examples = -2
   with pytest.raises(UserError, match="data.prefetch_examples"):
-    setup.validate_config(config)
+    config_lib.validate_config(config)
 
 
 def test_reflect_border_padding_lets_example_centres_cover_a_thin_volume():
   """data.border_padding=reflect: the volumes are mirrored by half a training block, so the
   sampling coordinates (partition margin = half a block) reach the training region's border."""
   from configs import tiny
-  from ffn_jax.training import setup
+  from ffn_jax.training import data
   config = tiny.get_config()
   config.data.synthetic_shape_zyx = (12, 40, 40)  # thinner than a training block (9 + 2 x 2)
 
   def centres(padding):
     config.data.border_padding = padding
-    image, labels, block = setup.load_training_volumes(config)
+    image, labels, block = data.load_training_volumes(config)
     coords = partitions.coordinates_by_class(partitions.compute_partitions(
         labels, config.data.thresholds, config.data.lom_radius_zyx, config.data.min_size,
         tuple(int(b) // 2 for b in block)))

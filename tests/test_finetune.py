@@ -70,7 +70,7 @@ def test_finetuning_google_model_starts_at_its_loss(tmp_path):
 
   from ffn_jax import checkpoint, losses, parallel
   from ffn_jax.model import init_params
-  from ffn_jax.training import loop, setup
+  from ffn_jax.training import data, state
   from bench._common import load_config
   ckpt = shared_data("google_ffn_fib25", "model.ckpt-27465036.index")
   shared_data("fib25_training_sample2", "labels.zarr")
@@ -87,10 +87,10 @@ def test_finetuning_google_model_starts_at_its_loss(tmp_path):
   first = read_metrics(tmp_path / "ft")[0]["loss"]
   # The same first batch, scored with the imported parameters and with a fresh init.
   config = load_config("configs/fib25_finetune.py", overrides)
-  examples = setup.build_examples(config, parallel.Dist(), str(tmp_path / "ft"), lambda *a: None,
-                                  config.batch_size)
+  examples = data.build_examples(config, parallel.Dist(), str(tmp_path / "ft"), lambda *a: None,
+                                 config.batch_size)
   batch = examples.next_batch()
-  model = loop.build_model(config)
+  model = state.build_model(config)
   params, _ = checkpoint.load_params(str(google))
 
   def loss(p):

@@ -334,7 +334,8 @@ def test_pad_batches_auto_follows_the_backend_and_bad_values_are_refused():
   import jax
   from ffn_jax import model
   from ffn_jax.errors import UserError
-  from ffn_jax.inference import runner
+  from ffn_jax.inference import job as job_lib
+  from ffn_jax.inference import settings
   from configs import fib25_infer
   cfg = fib25_infer.get_config()
   cfg.batch_size = 8
@@ -342,12 +343,12 @@ def test_pad_batches_auto_follows_the_backend_and_bad_values_are_refused():
   net = model.FFN(depth=2, features=4)
   params = jax.tree_util.tree_map(np.asarray, model.init_params(net, jax.random.PRNGKey(1), FOV))
   spec = {"depth": 2, "features": 4, "fov_size_zyx": FOV}
-  pred = runner.make_predictor(cfg, params, spec, "xla")
+  pred = job_lib.InferenceJob(cfg, params, spec, None, 0.0, 1.0, ("xla", "float32", "")).predictor
   want = [1, 2, 4, 8] if jax.default_backend() == "cpu" else [8]
   assert pred.buckets == want
   cfg.pad_batches = "some"
   with pytest.raises(UserError, match="pad_batches must be"):
-    runner.options_from_config(cfg)
+    settings.flood_options(cfg)
 
 
 # ----------------------------------------------------------------------------------- priors

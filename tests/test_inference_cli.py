@@ -200,7 +200,8 @@ def test_halo_seeds_are_the_tiles_share_of_one_keyed_pass(mode):
   from scipy import ndimage
 
   from configs import fib25_infer
-  from ffn_jax.inference import runner, tiling
+  from ffn_jax.inference import job as job_lib
+  from ffn_jax.inference import tiling
   from ffn_jax.inference.padding import BorderPadding
   rng = np.random.default_rng(0)
   vol = ndimage.gaussian_filter(rng.normal(size=(36, 36, 128)), 2.0)
@@ -220,12 +221,12 @@ def test_halo_seeds_are_the_tiles_share_of_one_keyed_pass(mode):
   with pytest.raises(ValueError, match="window"):
     border.read(source, bbox, ((0, 0, 0), (200, 40, 40)))
 
-  whole = runner.job_seeds(config, model, source, bbox, 128.0, 33.0, keyed=True)
+  job = job_lib.InferenceJob(config, None, model, source, 128.0, 33.0, ("xla", "float32", ""))
+  whole = job.seeds(bbox, keyed=True)
   tiles = tiling.plan(bbox[0], bbox[1], (32, 30, 32), (0, 0, 12))
   assert len(tiles) == 6 and len(whole) > 50
   for halo, equal in ((32, True), (0, False)):
     for t in tiles:
-      got = runner.job_seeds(config, model, source, bbox, 128.0, 33.0, block=(t.start, t.size),
-                             halo=halo)
+      got = job.seeds(bbox, block=(t.start, t.size), halo=halo)
       share = whole[np.all((whole >= t.start) & (whole < np.add(t.start, t.size)), axis=1)]
       assert np.array_equal(got, share) == equal, (halo, t.name)

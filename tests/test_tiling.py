@@ -537,7 +537,7 @@ def test_halo_tiles_seed_themselves_as_one_keyed_pass_would(assets, tmp_path):
   block and a halo, keyed to volume coordinates, and tries exactly the seeds one keyed pass
   over the bbox places in its block."""
   from ffn_jax import cli
-  from ffn_jax.inference import runner
+  from ffn_jax.inference import job as job_lib
   args = [*TILES[:2], "--config.tile_seeds=halo", "--config.seed_halo=32"]
   proc = _infer(assets, tmp_path / "halo", *args)
   assert proc.returncode == 0, proc.stderr
@@ -550,10 +550,9 @@ def test_halo_tiles_seed_themselves_as_one_keyed_pass_would(assets, tmp_path):
                          "--config.image_stddev=-1", "--config.bbox_start_zyx=(1,2,3)",
                          "--config.bbox_size_zyx=(28,27,26)", *args],
                         str(REPO / "configs/fib25_infer.py"), "infer")
-  _, model, mean, sd, _ = runner.load_model(config)
-  source, _ = runner.load_image(config)
-  bbox = runner.resolve_bbox(source.shape, config.bbox_start_zyx, config.bbox_size_zyx)
-  keyed = runner.job_seeds(config, model, source, bbox, mean, sd, keyed=True)
+  job = job_lib.InferenceJob.open(config)
+  bbox = job.bbox()
+  keyed = job.seeds(bbox, keyed=True)
   for t in map(tiling.Tile.from_json, plan["tiles"]):
     inside = np.all((keyed >= t.start) & (keyed < np.add(t.start, t.size)), axis=1)
     counters = json.loads((tmp_path / "halo" / "tiles" / t.name / "counters.json").read_text())

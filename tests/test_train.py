@@ -168,7 +168,7 @@ def test_compute_dtype_is_recorded_and_inference_follows_it(tmp_path):
   records it, and inference uses it unless told otherwise."""
   import ml_collections
   from ffn_jax import checkpoint
-  from ffn_jax.inference import runner
+  from ffn_jax.inference import settings
   proc = run_train(tmp_path / "w", "--config.max_steps=4", "--config.model.compute_dtype=bfloat16")
   assert proc.returncode == 0, proc.stderr
   assert "compute: bfloat16 convolutions" in proc.stdout
@@ -176,15 +176,15 @@ def test_compute_dtype_is_recorded_and_inference_follows_it(tmp_path):
   assert meta["compute_dtype"] == "bfloat16"
   assert {str(p.dtype) for p in jax.tree_util.tree_leaves(params)} == {"float32"}
   config = ml_collections.ConfigDict({"conv_impl": "auto", "compute_dtype": ""})
-  assert runner.compute_route(config, meta["compute_dtype"])[1] == "bfloat16"
+  assert settings.compute_route(config, meta["compute_dtype"])[1] == "bfloat16"
   # infer.py end to end on this CPU's bf16 route (onednn_bf16 or xla_bf16), from the checkpoint.
-  route = runner.compute_route(config, "bfloat16")[0]
+  route = settings.compute_route(config, "bfloat16")[0]
   infer = _infer_small(tmp_path / "w", tmp_path / "i", cli_env())
   assert f"compute: bfloat16 convolutions, route {route}" in infer.stdout, infer.stdout
   assert json.loads((tmp_path / "i" / "counters.json").read_text())["fov_calls"] > 0
   config.compute_dtype = "float32"
-  assert runner.compute_route(config, meta["compute_dtype"])[:2] == (
-      runner.compute_route(config, "float32")[0], "float32")
+  assert settings.compute_route(config, meta["compute_dtype"])[:2] == (
+      settings.compute_route(config, "float32")[0], "float32")
 
   bad = run_train(tmp_path / "x", "--config.max_steps=1", "--config.model.compute_dtype=fp16")
   assert bad.returncode == 2 and "compute_dtype" in bad.stderr

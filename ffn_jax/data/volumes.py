@@ -24,6 +24,12 @@ from ffn_jax.errors import UserError
 _H5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 
 
+def normalize(raw: np.ndarray, mean: float, stddev: float) -> np.ndarray:
+  """The FFN's input: ``(raw - mean) / stddev`` in float32. The one normalization of training
+  volumes, the training eval's box and inference canvases alike."""
+  return (np.asarray(raw).astype(np.float32) - np.float32(mean)) / np.float32(stddev)
+
+
 class Volume:
   """A 3-D array read by box. ``read(start_zyx, size_zyx)`` returns a numpy array."""
 

@@ -129,6 +129,19 @@ class Canvas:
     done = self.jobs[0].cand_idx + n if self.jobs else self.cont_idx + self.seeds.idx
     return done, n + len(self.seeds)
 
+  def open_candidates(self) -> int:
+    """Candidates that may still cost FOVs: the segments in flight, the continuations not yet
+    started, and the seeds not yet started whose voxel no segment holds and no segment in
+    flight has reached (>= ``segment_threshold``): a seed inside a flooded object is skipped
+    for free. Progress estimates count this down (``progress.FloodProgress``)."""
+    rest = self.seeds.coords[self.seeds.idx:] if self.seeds is not None else np.zeros((0, 3))
+    idx = tuple(np.asarray(rest, np.int64).T)
+    open_ = self.segmentation[idx] == 0 if len(rest) else np.zeros(0, bool)
+    for job in self.jobs:
+      if job.seed is not None and open_.any():
+        open_ &= ~(job.seed[idx] >= self.th.segment)
+    return int(open_.sum()) + len(self.jobs) + len(self.continuations) - self.cont_idx
+
   def count(self, name: str, n=1) -> None:
     """Adds ``n`` to counter ``name`` (saved with the state, written to counters.json)."""
     self.counters[name] = self.counters.get(name, 0) + n

@@ -1,14 +1,9 @@
 """One segment being flooded by the canvas: its object map, movement queue, extent and state."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from ffn_jax.inference.movement import FaceMaxPolicy
-
-if TYPE_CHECKING:
-  from ffn_jax.inference import canvas as canvas_lib
 
 
 class Segment:
@@ -26,7 +21,9 @@ class Segment:
   on a 180-280³ canvas, per segment and per speculative restart).
   """
 
-  def __init__(self, cand_idx: int, start, canvas: "canvas_lib.Canvas", label: int = 0):
+  def __init__(self, cand_idx: int, start, canvas, label: int = 0):
+    """``canvas``: the ``canvas.Canvas`` it floods in (read: deltas, thresholds, map pool,
+    margin, prior labels; not imported here, so that the canvas may import this module)."""
     self.cand_idx = int(cand_idx)
     self.starts = np.asarray(start, np.int64).reshape(-1, 3)
     self.start = tuple(int(v) for v in self.starts[0])

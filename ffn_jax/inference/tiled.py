@@ -1,7 +1,7 @@
 """Whole volumes: overlapping tiles spread over MPI ranks, stitched into one segmentation.
 
 ``infer.py`` runs this when ``tile_size_zyx`` is set. The bbox is cut into overlapping tiles
-(``ffn_jax.inference.tiling``); each tile is one ordinary single-box job (``runner.run``: the same
+(``ffn_jax.inference.tiling``); each tile is one ordinary single-box job (``InferenceJob.segment``: the same
 Canvas, settings and results as a box run, its own resume state, finished when its
 ``counters.json`` says so). Ranks take tiles one at a time by creating a claim file (an atomic
 ``O_EXCL`` create in a folder of this launch), so a rank that finishes early takes the next
@@ -27,7 +27,7 @@ decides the bbox's own outer faces.
 
 ``tile_seeds=job`` (``auto`` up to 384³ voxels): rank 0 runs the seed policy once over the whole
 bbox, on the canvas one pass would use, and every tile tries the seeds in its block in that
-order (``runner.job_seeds``). A tile's own PolicyPeaks moves seeds by a voxel or two (its
+order (``InferenceJob.seeds``). A tile's own PolicyPeaks moves seeds by a voxel or two (its
 tie-breaking noise is drawn over the block's shape, its edge filter reaches across the faces),
 and FFN's floods depend on exactly where they start. ``tile_seeds=halo`` (``auto`` above 384³):
 each tile runs the policy over its block and ``seed_halo`` voxels of the job's canvas around it,
@@ -60,9 +60,11 @@ import uuid
 
 import numpy as np
 
+from ffn_jax import log as log_lib
 from ffn_jax.data import volumes
 from ffn_jax.errors import UserError
-from ffn_jax.inference import runner, tiling
+from ffn_jax.inference import job as job_lib
+from ffn_jax.inference import outputs, progress, resume, settings, tiling
 
 TILING = "tiling.json"
 PRIOR = "prior.json"
@@ -75,23 +77,11 @@ SEEDS = "seeds.npy"
 JOB_SEEDS_MAX_VOXELS = 384 ** 3
 
 
-def _log(msg: str) -> None:
-  print(f"[infer] {msg}", flush=True)
+_log = log_lib.logger("infer")
 
 
 def enabled(config) -> bool:
   return any(int(v) > 0 for v in config.get("tile_size_zyx", ()))
-
-
-def _tile_config(config, tile: tiling.Tile):
-  c = config.copy_and_resolve_references()
-  c.unlock()
-  c.bbox_start_zyx = tuple(tile.start)
-  c.bbox_size_zyx = tuple(tile.size)
-  c.tile_size_zyx = (0, 0, 0)
-  c.preview_slices = 0
-  c.lock()
-  return c
 
 
 def _seed_source(config, bbox) -> str:
@@ -151,20 +141,22 @@ def _claim(folder: str, tile: tiling.Tile, rank: int) -> bool:
 
 
 def _tile_done(workdir: str, tile: tiling.Tile) -> bool:
-  return runner.finished(os.path.join(workdir, "tiles", tile.name))
+  return resume.finished(os.path.join(workdir, "tiles", tile.name))
 
 
 def run(config, workdir: str) -> dict:
   """Segments ``config``'s bbox tile by tile over this job's ranks, then stitches (rank 0).
 
-  Returns the stitch summary (also ``stitch.json``) on rank 0, the tile counts elsewhere.
+  Each rank opens the job once (checkpoint, image, predictor: ``job.InferenceJob``) and
+  segments every tile it claims with it. Returns the stitch summary (also ``stitch.json``) on
+  rank 0, the tile counts elsewhere.
   """
   import jax  # jax, MPI: only once the job really runs
 
   from ffn_jax import parallel
   t0 = time.perf_counter()
   workdir = os.path.abspath(workdir)
-  runner.options_from_config(config)
+  settings.flood_options(config)
   stitch_settings = _stitch_settings(config)
   mode = str(config.tile_mode)
   if mode not in TILE_MODES:
@@ -172,14 +164,12 @@ def run(config, workdir: str) -> dict:
   fmt = str(config.output_format)
   if fmt not in volumes.OUTPUT_FORMATS:
     raise UserError(f"output_format must be one of {volumes.OUTPUT_FORMATS}, got {fmt!r}")
-  params, model, mean, sd, trained_dtype = runner.load_model(config)
-  route, compute_dtype, why = runner.compute_route(config, trained_dtype)
-  source, image_desc = runner.load_image(config)
-  bbox = runner.resolve_bbox(source.shape, config.bbox_start_zyx, config.bbox_size_zyx)
+  job = job_lib.InferenceJob.open(_tile_settings(config))
+  bbox = job.bbox()
   tiles = tiling.plan(bbox[0], bbox[1], config.tile_size_zyx, config.tile_overlap_zyx)
   if mode == "continue":
-    _check_continuation_overlap(tiles, model["fov_size_zyx"], config.tile_overlap_zyx)
-  identity = runner.job_identity(config, image_desc, bbox, model, mean, sd, compute_dtype)
+    _check_continuation_overlap(tiles, job.model["fov_size_zyx"], config.tile_overlap_zyx)
+  identity = job.identity(bbox)
   identity["tile_size_zyx"] = [int(v) for v in config.tile_size_zyx]
   identity["tile_overlap_zyx"] = [int(v) for v in config.tile_overlap_zyx]
   identity["tile_mode"] = mode
@@ -187,7 +177,6 @@ def run(config, workdir: str) -> dict:
   if context:  # recorded only when on, so that earlier jobs' workdirs still resume
     identity["tile_context"] = True
   seed_source = _seed_source(config, bbox)
-  seeds_from_job = seed_source == "job"
   if seed_source != "tile":  # likewise
     identity["tile_seeds"] = seed_source
   if seed_source == "halo":
@@ -203,12 +192,12 @@ def run(config, workdir: str) -> dict:
     os.makedirs(claims, exist_ok=True)
     _log(f"{len(tiles)} tiles of {tuple(config.tile_size_zyx)} (overlap "
          f"{tuple(config.tile_overlap_zyx)}, {mode}) over {dist.size} rank(s); compute: "
-         f"{compute_dtype}, route {route} ({why})")
+         f"{job.compute_dtype}, route {job.route} ({job.why}); checkpoint read once per rank")
   seeds_path = os.path.join(workdir, SEEDS)
-  if seeds_from_job and dist.is_primary and not os.path.exists(seeds_path) and not all(
+  if seed_source == "job" and dist.is_primary and not os.path.exists(seeds_path) and not all(
       _tile_done(workdir, t) for t in tiles):
     t_seeds = time.perf_counter()
-    seeds = runner.job_seeds(config, model, source, bbox, mean, sd)
+    seeds = job.seeds(bbox)
     tmp = f"{seeds_path}.{os.getpid()}.tmp.npy"
     np.save(tmp, seeds)
     os.replace(tmp, seeds_path)
@@ -216,7 +205,7 @@ def run(config, workdir: str) -> dict:
          f"{time.perf_counter() - t_seeds:.1f} s (tile_seeds=job)")
   dist.bcast(None)  # the claims folder (and seeds.npy) exist before anyone claims
   job_seeds = None
-  if seeds_from_job and os.path.exists(seeds_path):
+  if seed_source == "job" and os.path.exists(seeds_path):
     job_seeds = np.load(seeds_path, allow_pickle=False)
 
   device = parallel.rank_device(dist)
@@ -224,8 +213,10 @@ def run(config, workdir: str) -> dict:
     _log(f"rank {dist.rank}: {device}")
   done_here = 0
   rounds = tiling.rounds(tiles) if mode == "continue" else [list(range(len(tiles)))]
+  meter = progress.TiledProgress(lambda: sum(_tile_done(workdir, t) for t in tiles), len(tiles),
+                                 dist.rank)
   with jax.default_device(device):
-    predictor = runner.make_predictor(config, jax.device_put(params, device), model, route)
+    job.set_params(jax.device_put(job.params, device))
     for r, members in enumerate(rounds):
       if r > 0 and not all(_tile_done(workdir, tiles[k]) for k in rounds[r - 1]):
         break  # a tile of the last round stopped: this round's priors are not all there
@@ -239,31 +230,33 @@ def run(config, workdir: str) -> dict:
         if r > 0:
           prior, links = tiling.priors(tiles, k, rounds[0], _reader(workdir, tiles))
           os.makedirs(folder, exist_ok=True)
-          runner.write_json(os.path.join(folder, PRIOR),
-                            {"links": [[tiles[i].name, int(a)] for i, a in links]})
+          outputs.write_json(os.path.join(folder, PRIOR),
+                             {"links": [[tiles[i].name, int(a)] for i, a in links]})
         seeds = job_seeds
         if seed_source == "halo":
           t_seeds = time.perf_counter()
-          seeds = runner.job_seeds(config, model, source, bbox, mean, sd,
-                                   block=(tile.start, tile.size), halo=int(config.seed_halo))
+          seeds = job.seeds(bbox, block=(tile.start, tile.size), halo=int(config.seed_halo))
           _log(f"rank {dist.rank}: tile {tile.name}: {len(seeds)} seeds over its block and a "
                f"halo of {int(config.seed_halo)} in {time.perf_counter() - t_seeds:.1f} s")
-        counters = runner.run(_tile_config(config, tile), folder, predict_fn=predictor,
-                              prior=prior, within=bbox if context else None,
-                              seeds_zyx=seeds)
+        counters = job.segment((tuple(tile.start), tuple(tile.size)), folder, prior=prior,
+                               within=bbox if context else None, seeds_zyx=seeds,
+                               tile_progress=meter.start(tile.name)).counters
         if not counters.get("complete"):
           break  # debug.stop_after_fov_calls: stopped as if killed
         done_here += 1
       dist.bcast(None)  # waits (polling, not spinning a core) for every rank's last tile
   counts = dist.allgather(done_here)
+  opened = dist.allgather(dict(job.opened))
   if not dist.is_primary:
     return {"tiles_segmented": counts}
   missing = [t.name for t in tiles if not _tile_done(workdir, t)]
   if missing:
     raise UserError(f"tiles {missing} are not finished (a rank failed?); rerun the same command")
   summary = stitch(workdir, tiles, identity, stitch_settings, config, fmt, bbox)
-  summary.update(tiles_segmented=counts, wall_s=time.perf_counter() - t0, ranks=dist.size)
-  runner.write_json(_beside(summary["output"], "stitch.json"), summary)
+  summary.update(tiles_segmented=counts, wall_s=time.perf_counter() - t0, ranks=dist.size,
+                 checkpoint_loads=[o["checkpoint_loads"] for o in opened],
+                 predictor_builds=[o["predictor_builds"] for o in opened])
+  outputs.write_json(_beside(summary["output"], "stitch.json"), summary)
   _log(f"done: {summary['segments']} segments from {len(tiles)} tiles ({mode}), "
        f"{summary['continued']} objects continued ({summary['joins']} joined), "
        f"{summary['merges']} merges by the rule, "
@@ -271,11 +264,20 @@ def run(config, workdir: str) -> dict:
   return summary
 
 
+def _tile_settings(config):
+  """``config`` for the tiles' blocks: no preview per tile (the stitched volume is the output)."""
+  c = config.copy_and_resolve_references()
+  c.unlock()
+  c.preview_slices = 0
+  c.lock()
+  return c
+
+
 def _beside(out_path: str, name: str) -> str:
   """``segments.json`` / ``stitch.json`` of an output: plain beside the default output, prefixed
   with the output's name beside any other (``stitch.output``)."""
   folder, base = os.path.split(out_path)
-  default = base in (runner.SEGMENTATION, "segmentation")
+  default = base in (outputs.SEGMENTATION, "segmentation")
   return os.path.join(folder, name if default else f"{base}.{name}")
 
 
@@ -286,18 +288,18 @@ def _check_tiling(workdir: str, identity: dict, tiles) -> None:
       if json.load(f).get("identity") != identity:
         raise UserError(f"{workdir} holds the tiles of a different job; use another --workdir "
                         "(or delete it)")
-  elif os.path.exists(os.path.join(workdir, runner.SEGMENTATION)) or os.path.exists(
-      os.path.join(workdir, runner.JOB)):
+  elif os.path.exists(os.path.join(workdir, outputs.SEGMENTATION)) or os.path.exists(
+      os.path.join(workdir, resume.JOB)):
     raise UserError(f"{workdir} holds a single-box segmentation; use another --workdir")
   else:
-    runner.write_json(path, {"identity": identity, "tiles": [t.to_json() for t in tiles]})
+    outputs.write_json(path, {"identity": identity, "tiles": [t.to_json() for t in tiles]})
 
 
 def stitch(workdir: str, tiles, identity: dict, settings: dict, config, fmt: str, bbox) -> dict:
   """Global IDs across tile borders, then the volume written core by core."""
   t0 = time.perf_counter()
   import ffn_jax
-  out_name = str(config.stitch.output) or (runner.SEGMENTATION if fmt == "zarr" else
+  out_name = str(config.stitch.output) or (outputs.SEGMENTATION if fmt == "zarr" else
                                           "segmentation")
   out_path = os.path.join(workdir, out_name)
   attrs = {"offset_zyx": list(bbox[0]), "voxel_size_zyx": list(identity["voxel_size_zyx"]),
@@ -326,7 +328,7 @@ def stitch(workdir: str, tiles, identity: dict, settings: dict, config, fmt: str
     writer.write(tuple(a - b for a, b in zip(core_start, bbox[0])), core)
     sizes += np.bincount(core.ravel().astype(np.int64), minlength=n + 1)
   writer.finish()
-  runner.write_json(_beside(out_path, "segments.json"),
+  outputs.write_json(_beside(out_path, "segments.json"),
                     {str(i): int(v) for i, v in enumerate(sizes) if i > 0 and v > 0})
   return {"output": out_path, "output_format": fmt, "segments": int(np.count_nonzero(sizes[1:])),
           "merges": len(result.merges), "continued": sum(i != j for j, _, i, _ in links),
@@ -346,7 +348,7 @@ def _reader(workdir: str, tiles):
   def read(k: int, start, size) -> np.ndarray:
     if k not in segs:
       segs[k] = volumes.open_volume(
-          os.path.join(workdir, "tiles", tiles[k].name, runner.SEGMENTATION))
+          os.path.join(workdir, "tiles", tiles[k].name, outputs.SEGMENTATION))
     return segs[k].read(tuple(a - b for a, b in zip(start, tiles[k].start)), size)
 
   return read

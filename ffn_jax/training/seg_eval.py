@@ -13,8 +13,8 @@ the eval labels are skeletonized once, on the flooding rank (``ffn_jax.skeletons
 disk), with lengths in units of ``eval.voxel_size_zyx`` (voxels by default).
 
 The flood settings are ``config.eval``'s own copy of infer.py's (``inference.*``, seed policy,
-batch size: ``configs/fib25_infer.add_flood_settings``) and the code is infer.py's
-(``runner.make_canvas``, ``runner.seed_coords``, ``runner.make_predictor``).
+batch size: ``configs/fib25_infer.add_flood_settings``) and the code is infer.py's: an
+``inference.job.InferenceJob`` over the eval box, whose ``segment`` floods it in memory.
 """
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ import numpy as np
 
 from ffn_jax import conv as conv_lib
 from ffn_jax import evaluation, skeleton_metrics, skeletons
-from ffn_jax.data import synthetic
+from ffn_jax.data import synthetic, volumes
 from ffn_jax.errors import UserError
-from ffn_jax.inference import padding, runner
-from ffn_jax.training.setup import read_labelled_box
+from ffn_jax.inference import job as job_lib
+from ffn_jax.training.data import read_labelled_box
 
 
 # The skeleton scores an eval record carries (ffn_jax.skeleton_metrics).
@@ -41,9 +41,9 @@ def enabled(config) -> bool:
   return e is not None and (int(e.every_steps) > 0 or float(e.every_s) > 0)
 
 
-def load_eval_volumes(config) -> tuple[np.ndarray, np.ndarray]:
-  """(float32 normalized image, labels) of the eval box: ``eval.image``/``eval.labels``, or a
-  synthetic volume like the training one's with ``eval.synthetic_seed``."""
+def load_eval_volumes(config) -> tuple[np.ndarray, np.ndarray, float, float]:
+  """(raw image, labels, image mean, image sd) of the eval box: ``eval.image``/``eval.labels``,
+  or a synthetic volume like the training one's with ``eval.synthetic_seed``."""
   e, d = config.eval, config.data
   if not e.image and not e.labels:
     image, labels = synthetic.make_volume(d.synthetic_shape_zyx, d.synthetic_objects,
@@ -56,7 +56,7 @@ def load_eval_volumes(config) -> tuple[np.ndarray, np.ndarray]:
                     f"{tuple(fov.tolist())} (zyx)")
   mean = float(e.image_mean) if e.image_mean > 0 else float(d.image_mean)
   sd = float(e.image_stddev) if e.image_stddev > 0 else float(d.image_stddev)
-  return (image.astype(np.float32) - np.float32(mean)) / np.float32(sd), labels
+  return image, labels, mean, sd
 
 
 class SegmentationEval:
@@ -73,49 +73,39 @@ class SegmentationEval:
   def __init__(self, config, dist, model: dict, heartbeat: Callable[[], None] = lambda: None):
     self.cfg = config.eval
     self.dist = dist
-    self.model = model
     self.heartbeat = heartbeat
     self.root = int(self.cfg.rank)
     if not 0 <= self.root < dist.size:
       raise UserError(f"eval.rank={self.root} is not a rank of this job (0..{dist.size - 1})")
-    runner.options_from_config(self.cfg)  # bad thresholds fail before training starts
-    try:
-      self.conv_impl = conv_lib.select(
-          str(self.cfg.conv_impl or config.model.conv_impl),
-          str(self.cfg.get("compute_dtype", "") or config.model.get("compute_dtype", "auto")))[0]
-    except ValueError as e:
-      raise UserError(f"eval: {e}") from None
-    self._predictor = None
-    self.border = padding.BorderPadding(self.cfg, model)
+    route = conv_lib.choose(
+        self.cfg.conv_impl or config.model.conv_impl,
+        self.cfg.get("compute_dtype", "") or config.model.get("compute_dtype", "auto"), "eval")
     self.voxel_size_zyx = tuple(self.cfg.get("voxel_size_zyx", (1.0, 1.0, 1.0)))
     self.min_nodes = int(self.cfg.get("skeleton_min_nodes", skeleton_metrics.DEFAULT_MIN_NODES))
-    if dist.rank == self.root:
-      image, self.labels = load_eval_volumes(config)
-      self.image = self.border.pad(image)
-      self.seeds = self.border.inside(runner.seed_coords(self.cfg, self.image), self.image.shape)
-      self.skeletons, _ = skeletons.load_or_skeletonize(
-          self.labels, skeletons.SkeletonParams(voxel_size_zyx=self.voxel_size_zyx))
-      if self.cfg.get("best_metric", "vi") == "erl" and self.cfg.keep_best and not any(
-          len(s.edges) for s in self.skeletons):
-        raise UserError("eval.best_metric=erl needs skeletons, but no eval label has one (each "
-                        f"has fewer than {skeletons.SkeletonParams.dust_voxels} voxels)")
-
-  def _flood(self, params) -> tuple[np.ndarray, dict]:
-    if self._predictor is None:
-      self._predictor = runner.make_predictor(self.cfg, params, self.model, self.conv_impl)
-    else:
-      self._predictor.set_params(params)
-    canvas = runner.make_canvas(self.cfg, self.image, self._predictor, self.model)
-    canvas.set_seeds(self.seeds)
-    canvas.segment_all(lambda _: self.heartbeat())
-    return self.border.crop(canvas.segmentation), canvas.counters
+    self.job = None
+    if dist.rank != self.root:
+      job_lib.InferenceJob(self.cfg, None, model, None, 0.0, 1.0, route)  # checks the settings
+      return
+    image, self.labels, mean, sd = load_eval_volumes(config)
+    self.job = job_lib.InferenceJob(self.cfg, None, model, volumes.open_volume(image), mean, sd,
+                                    route, "eval")
+    self.bbox = ((0, 0, 0), tuple(self.labels.shape))
+    self.seeds = self.job.seeds(self.bbox)  # they depend on the image only
+    self.skeletons, _ = skeletons.load_or_skeletonize(
+        self.labels, skeletons.SkeletonParams(voxel_size_zyx=self.voxel_size_zyx))
+    if self.cfg.get("best_metric", "vi") == "erl" and self.cfg.keep_best and not any(
+        len(s.edges) for s in self.skeletons):
+      raise UserError("eval.best_metric=erl needs skeletons, but no eval label has one (each "
+                      f"has fewer than {skeletons.SkeletonParams.dust_voxels} voxels)")
 
   def __call__(self, params) -> dict:
     """The scores of ``params`` (and the seconds it took, ``eval_s``), on every rank."""
     t0 = time.perf_counter()
     record = None
     if self.dist.rank == self.root:
-      seg, counters = self._flood(params)
+      self.job.set_params(params)
+      result = self.job.segment(self.bbox, seeds_zyx=self.seeds, heartbeat=self.heartbeat)
+      seg, counters = result.segmentation, result.counters
       m = evaluation.evaluate_segmentation(seg, self.labels)
       s = skeleton_metrics.evaluate_skeletons(seg, self.skeletons, self.voxel_size_zyx,
                                               self.min_nodes)

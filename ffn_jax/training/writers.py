@@ -2,6 +2,9 @@
 object per line, and TensorBoard event files in ``WORKDIR/tensorboard`` (tensorboardX: no
 TensorFlow needed), one scalar per numeric field.
 
+``MetricWindow`` sums the step statistics between two log lines and turns them into the
+training record.
+
 Scalar tags: training records' fields as they are (``loss``, ``f1``, ``fovs_per_s``, ...), eval
 records' under ``eval/`` (``eval/vi``, ...), the final record's under ``final/``; all at the
 record's ``step``.
@@ -11,6 +14,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
+
+from ffn_jax import losses
 
 TENSORBOARD_DIR = "tensorboard"
 
@@ -60,3 +66,49 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+
+
+class MetricWindow:
+  """The training steps since the last log line: summed loss, confusion counts and timings,
+  and the seconds spent evaluating in between, which the window's throughput leaves out.
+
+  Args:
+    global_batch: examples per step over all ranks and devices (the FOV rate's numerator).
+    ranks, local_devices: recorded with every record.
+  """
+
+  def __init__(self, global_batch: int, ranks: int, local_devices: int):
+    self.global_batch = int(global_batch)
+    self.ranks, self.local_devices = int(ranks), int(local_devices)
+    self.reset()
+
+  def reset(self, now: float | None = None) -> None:
+    self.sums = {"loss": 0.0, "tp": 0.0, "fp": 0.0, "fn": 0.0, "time_step_s": 0.0,
+                 "time_allreduce_s": 0.0, "time_data_s": 0.0}
+    self.steps = 0
+    self.excluded_s = 0.0
+    self.t0 = time.perf_counter() if now is None else now
+
+  def add(self, stats: dict, times: dict, data_s: float) -> None:
+    """One step: its stats (loss, tp, fp, fn) and timings (step, allreduce; data loading)."""
+    for k in ("loss", "tp", "fp", "fn"):
+      self.sums[k] += float(stats[k])
+    self.sums["time_step_s"] += times["time_step_s"]
+    self.sums["time_allreduce_s"] += times["time_allreduce_s"]
+    self.sums["time_data_s"] += data_s
+    self.steps += 1
+
+  def exclude(self, seconds: float) -> None:
+    """Time inside the window that was not training (an evaluation)."""
+    self.excluded_s += seconds
+
+  def record(self, step: int, learning_rate: float, now: float) -> dict:
+    """The window's training record at ``step`` (means per step, FOV/s of training time)."""
+    n, a = self.steps, self.sums
+    precision, recall, f1 = losses.precision_recall_f1(a["tp"], a["fp"], a["fn"])
+    return {"step": step, "loss": a["loss"] / n, "learning_rate": learning_rate,
+            "precision": precision, "recall": recall, "f1": f1,
+            "fovs_per_s": n * self.global_batch / (now - self.t0 - self.excluded_s),
+            "ranks": self.ranks, "local_devices": self.local_devices,
+            "global_batch": self.global_batch, "time_step_s": a["time_step_s"] / n,
+            "time_allreduce_s": a["time_allreduce_s"] / n, "time_data_s": a["time_data_s"] / n}

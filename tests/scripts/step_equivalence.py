@@ -11,6 +11,7 @@ import numpy as np
 from configs import tiny
 from ffn_jax import optim, parallel
 from ffn_jax.model import FFN, init_params
+from ffn_jax.training import distributed
 from ffn_jax.training.state import TrainState
 
 parser = argparse.ArgumentParser()
@@ -31,7 +32,7 @@ params = init_params(model, jax.random.PRNGKey(0), config.model.fov_size_zyx)
 state = TrainState(step=np.int32(0), params=params, opt_state=tx.init(params),
                    rng=np.zeros(2, np.uint32))
 state = parallel.put_on_first_device(state, dist)
-step = parallel.DistributedStep(dist, model, tx)
+step = distributed.DistributedStep(dist, model, tx)
 per_rank = args.global_batch // dist.size
 rng = np.random.default_rng(123)
 for _ in range(args.steps):
