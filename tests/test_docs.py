@@ -1,6 +1,7 @@
-"""Every command that README.md and docs/benchmarks.md tell a user to run is run, in small form,
-by a named test, with the shipped config it names; or is listed here with the reason no test
-can run it. A command added to the docs without either fails ``test_every_documented_command``.
+"""Every command that README.md and docs/*.md tell a user to run is run, in small form, by a
+named test, with the shipped config it names; or is listed here with the reason no test can run
+it. A command added to the docs without either fails ``test_every_documented_command``. Links
+between the docs resolve, and the README stays a short guide.
 """
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import pytest
 
 from conftest import REPO
 
-DOCS = ("README.md", "docs/benchmarks.md")
+# The README and every page under docs/ (a new page is covered without being listed here).
+DOCS = ("README.md", *sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md")))
+README_MAX_LINES = 300  # a user's guide; measurements and design notes live in docs/
 
 # (entry point, config it names) -> the tests that run it in small form. The entry point is the
 # script (train.py, bench/x.py), the module of `python -m`, or the make target.
@@ -30,6 +33,9 @@ RUN_BY = {
     ("train.py", "configs/fib25_small.py"): [
         "test_configs.py::test_training_config_trains_and_evaluates"],
     ("infer.py", "configs/gala_infer.py"): ["test_configs.py::test_inference_config_segments_a_box"],
+    ("infer.py", "configs/synthetic_infer.py"): [
+        "test_configs.py::test_inference_config_segments_a_box",
+        "test_train.py::test_training_workdir_loads_for_inference"],
     ("infer.py", "configs/fib25_infer.py"): [
         "test_inference_fib25.py::test_readme_infer_then_evaluate_c64_matches_tensorflow",
         "test_tiling.py::test_tiled_run_one_and_two_ranks_and_resume",
@@ -61,10 +67,13 @@ RUN_BY = {
         "test_bench.py::test_border_study_scores_shells_by_distance_to_the_block_faces"],
     ("bench/seed_halo.py", ""): [
         "test_bench.py::test_seed_halo_counts_the_tiles_whose_seeds_equal_one_keyed_pass"],
+    # On a GPU it runs at full size; the test runs every step at tiny sizes (--dry) on the CPU.
+    ("bench/gpu_check.py", ""): ["test_bench.py::test_gpu_check_runs_every_step_in_dry_mode"],
 }
 # Entry points no test runs as documented, and why.
 NOT_RUN = {
     "make test": "the suite itself",
+    "make test-fast": "the suite itself (its fast tier)",
     "pytest": "the suite itself",
     "sbatch": "needs a Slurm cluster; slurm/*.sbatch call the same train.py / infer.py",
     "tensorboard": "TensorBoard is not a dependency; test_training_eval checks the event files",
@@ -135,3 +144,36 @@ def test_every_documented_command_is_run_by_a_test_or_says_why_not():
 def test_the_named_tests_exist(test):
   module, name = test.split("::")
   assert hasattr(importlib.import_module(module.removesuffix(".py")), name), test
+
+
+def test_docs_cover_the_readme_and_every_page_under_docs():
+  assert DOCS[0] == "README.md"
+  assert {"docs/benchmarks.md", "docs/quality.md", "docs/tiling.md"} <= set(DOCS)
+
+
+def test_the_readme_stays_a_short_guide():
+  lines = (REPO / "README.md").read_text().count("\n")
+  assert lines <= README_MAX_LINES, f"README.md has {lines} lines; move details to docs/"
+
+
+def _anchor(heading: str) -> str:
+  """GitHub's anchor of a markdown heading: lower case, punctuation dropped, spaces to '-'."""
+  return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_between_the_docs_resolve():
+  broken = []
+  for name in DOCS:
+    text = (REPO / name).read_text()
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+      if re.match(r"[a-z]+://", target):
+        continue
+      path, _, anchor = target.partition("#")
+      file = ((REPO / name).parent / path).resolve() if path else REPO / name
+      if not file.exists():
+        broken.append(f"{name}: {target} (no such file)")
+      elif anchor and file.suffix == ".md":
+        headings = re.findall(r"^#+ (.*)$", file.read_text(), re.M)
+        if anchor not in {_anchor(h) for h in headings}:
+          broken.append(f"{name}: {target} (no such heading)")
+  assert not broken, "\n".join(broken)
