@@ -83,6 +83,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.0
   c.optim.clip_value = 0.7  # Google FFN's element-wise gradient clipping; 0 disables
   c.optim.clip_global_norm = 0.0
+  # Exponential moving average of the parameters (0 = off): evaluated, kept in checkpoints and
+  # used by infer.py in place of the raw parameters; decay min(ema_decay, (1+t)/(10+t)).
+  c.optim.ema_decay = 0.0
 
   # Segmentation validation during training: flood-fill the held-out volume with the current
   # parameters (infer.py's code and settings), score VI / adapted Rand and the skeleton scores

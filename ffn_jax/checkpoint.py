@@ -272,13 +272,17 @@ def best_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), BEST_DIR)
 
 
-def load_params(directory: str, step: int | None = None, kind: str = "latest"):
+def load_params(directory: str, step: int | None = None, kind: str = "latest",
+                ema: bool = True):
   """Loads ``params`` from a training workdir, its ``checkpoints`` folder, or a params checkpoint.
 
   Args:
     kind: of a training workdir, its newest rolling checkpoint ("latest") or the one with the
       best segmentation eval score ("best", in ``WORKDIR/best``; VI or ERL, as
       ``eval.best_metric`` chose).
+    ema: of a training checkpoint that keeps a moving average of the parameters
+      (``optim.ema_decay``), the average (what evaluation and inference use) rather than the
+      raw parameters.
   Returns:
     (params as a nested dict of numpy arrays, meta dict).
   """
@@ -311,7 +315,8 @@ def load_params(directory: str, step: int | None = None, kind: str = "latest"):
       continue
     tree = restored.state
     # A params-only checkpoint (imported model) or a training checkpoint {"train": state, ...}.
-    params = tree["params"] if "params" in tree else tree["train"]["params"]
+    params = tree["params"] if "params" in tree else (
+        (ema and tree["train"].get("ema_params")) or tree["train"]["params"])
     params = jax.tree_util.tree_map(np.asarray, params)
     return params, dict(restored.meta or {})
   raise CheckpointError(f"no readable checkpoint in {directory} (tried steps {steps})")

@@ -189,3 +189,30 @@ def test_compute_dtype_is_recorded_and_inference_follows_it(tmp_path):
   bad = run_train(tmp_path / "x", "--config.max_steps=1", "--config.model.compute_dtype=fp16")
   assert bad.returncode == 2 and "compute_dtype" in bad.stderr
   assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_moving_average_is_checkpointed_resumed_exactly_and_what_inference_loads(tmp_path):
+  """optim.ema_decay: the average is saved and restored bit for bit (6 + 6 steps equal 12
+  straight), leaves the raw training untouched (same fingerprint as without it), is what
+  load_params (infer.py, fine-tuning) returns, and a workdir of one setting refuses the other."""
+  from ffn_jax import checkpoint
+  ema = "--config.optim.ema_decay=0.9"
+  for workdir, steps in (("split", 6), ("split", 12), ("straight", 12)):
+    proc = run_train(tmp_path / workdir, ema, f"--config.max_steps={steps}")
+    assert proc.returncode == 0, proc.stderr
+  plain = run_train(tmp_path / "plain", "--config.max_steps=12")
+  assert plain.returncode == 0, plain.stderr
+  fingerprint = lambda w: read_metrics(tmp_path / w)[-1]["params_fingerprint"]  # noqa: E731
+  assert fingerprint("split") == fingerprint("straight") == fingerprint("plain")
+  leaves = lambda w, **k: jax.tree_util.tree_leaves(  # noqa: E731
+      checkpoint.load_params(str(tmp_path / w), **k)[0])
+  for a, b in zip(leaves("split"), leaves("straight")):
+    np.testing.assert_array_equal(a, b)
+  for a, b, c in zip(leaves("split"), leaves("split", ema=False), leaves("plain")):
+    np.testing.assert_array_equal(b, c)  # the raw parameters are the plain run's
+  assert not all(np.array_equal(a, b) for a, b in zip(leaves("split"), leaves("plain")))
+  assert checkpoint.load_params(str(tmp_path / "split"))[1]["ema_decay"] == 0.9
+  refused = run_train(tmp_path / "split", "--config.max_steps=14")
+  assert refused.returncode == 2 and "ema_decay" in refused.stderr, refused.stderr
+  bad = run_train(tmp_path / "bad", "--config.optim.ema_decay=1.0", "--config.max_steps=1")
+  assert bad.returncode == 2 and "optim.ema_decay" in bad.stderr, bad.stderr

@@ -52,6 +52,8 @@ def validate_config(config) -> None:
        "preemption_grace_s", "a number of seconds > 0", config.preemption_grace_s)
   need(number(configured_step_timeout_s(config)) and configured_step_timeout_s(config) >= 0,
        "step_timeout_s", "a number of seconds >= 0 (0 = off)", configured_step_timeout_s(config))
+  ema = config.optim.get("ema_decay", 0.0)
+  need(number(ema) and 0 <= ema < 1, "optim.ema_decay", "a number in [0, 1) (0 = off)", ema)
   need(number(config.data.image_stddev) and config.data.image_stddev > 0,
        "data.image_stddev", "a number > 0", config.data.image_stddev)
   from ffn_jax.model import KERNEL_INITS  # local: keeps flax out of config validation's imports

@@ -22,7 +22,7 @@ class DistributedStep:
   across ranks and applies the optimizer. Returns (state, stats, logits, timings).
   """
 
-  def __init__(self, dist: parallel.Dist, model, tx):
+  def __init__(self, dist: parallel.Dist, model, tx, ema_decay: float = 0.0):
     self.dist = dist
     devices = dist.devices
     self.num_devices = len(devices)
@@ -42,7 +42,7 @@ class DistributedStep:
       if dist.size > 1:
         flat, unravel = ravel_pytree((grads, stats))
         grads, stats = unravel(parallel.allreduce_mean(flat, dist))
-      return step_lib.apply_update(state, grads, tx=tx), stats
+      return step_lib.apply_update(state, grads, tx=tx, ema_decay=ema_decay), stats
 
     self._update = jax.jit(update, donate_argnums=0)
 

@@ -29,8 +29,8 @@ from ffn_jax.training import distributed, seg_eval
 from ffn_jax.training.config import batch_per_device, configured_step_timeout_s, validate_config
 from ffn_jax.training.data import build_examples
 from ffn_jax.training.state import (TrainState, abstract_state, build_model, checkpoint_tree,
-                                    compute_route, init_state, load_init_params, meta_checker,
-                                    model_meta)
+                                    compute_route, ema_decay, init_state, load_init_params,
+                                    meta_checker, model_meta)
 from ffn_jax.training.trainer import Trainer, TrainingDiverged  # noqa: F401 - re-exported
 from ffn_jax.training.watchdog import EXIT_PREEMPTED, Watchdog  # noqa: F401 - re-exported
 from ffn_jax.training.writers import MetricWriter
@@ -85,8 +85,8 @@ def _train(config, workdir: str, dist: parallel.Dist, watchdog: Watchdog, optimi
     state, resumed = _restore_or_init(config, dist, manager, model, tx, examples, init,  # 3.
                                       global_batch, log)
     trainer = Trainer(config, workdir, dist, parallel.put_on_first_device(state, dist),
-                      distributed.DistributedStep(dist, model, tx), examples, manager, writer,
-                      watchdog, log, schedule, evaluator, resumed, global_batch)
+                      distributed.DistributedStep(dist, model, tx, ema_decay(config)), examples,
+                      manager, writer, watchdog, log, schedule, evaluator, resumed, global_batch)
     return _loop(trainer, config.max_steps, config.debug.get("preempt_save_delay_s", 0.0))
   finally:
     if examples is not None:
@@ -149,7 +149,8 @@ def _restore_or_init(config, dist, manager, model, tx, examples, init, global_ba
       log(f"fine-tuning from {config.init_checkpoint} (fresh optimizer, step 0)")
     return state, False
   tree = restored.state
-  state = TrainState(**{k: tree["train"][k] for k in ("step", "params", "opt_state", "rng")}) \
+  state = TrainState(**{k: tree["train"][k] for k in ("step", "params", "opt_state", "rng",
+                                                       "ema_params") if k in tree["train"]}) \
       if isinstance(tree["train"], dict) else tree["train"]
   examples.restore({k: v[dist.rank] for k, v in tree["data"].items()})
   if restored.unreadable_steps and dist.is_primary:

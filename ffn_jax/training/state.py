@@ -27,6 +27,14 @@ class TrainState:
   params: dict
   opt_state: object
   rng: jax.Array  # uint32 key data; kept so every run's randomness is restorable
+  # The exponential moving average of ``params`` (``optim.ema_decay`` > 0), else None: what
+  # the segmentation eval floods with and what infer.py loads.
+  ema_params: dict | None = None
+
+  @property
+  def eval_params(self) -> dict:
+    """The parameters to evaluate and segment with: the average where there is one."""
+    return self.params if self.ema_params is None else self.ema_params
 
 
 def params_fingerprint(params) -> str:
@@ -61,6 +69,7 @@ def model_meta(config) -> dict:
   return {"model": {"depth": config.model.depth, "features": config.model.features,
                     "fov_size_zyx": list(config.model.fov_size_zyx),
                     "deltas_zyx": list(config.model.deltas_zyx)},
+          "ema_decay": ema_decay(config),
           "image_mean": config.data.image_mean, "image_stddev": config.data.image_stddev,
           "compute_dtype": compute_route(config)[1]}
 
@@ -70,14 +79,21 @@ def _key_data(rng):
   return jax.random.key_data(rng) if hasattr(jax.random, "key_data") else rng
 
 
+def ema_decay(config) -> float:
+  """``optim.ema_decay`` (configs of one's own may lack the field: 0, off)."""
+  return float(config.optim.get("ema_decay", 0.0))
+
+
 def init_state(config, model, tx, dist, params=None) -> TrainState:
-  """Step 0: ``params`` (fine-tuning) or a fresh init, rank 0's broadcast to every rank."""
+  """Step 0: ``params`` (fine-tuning) or a fresh init, rank 0's broadcast to every rank; the
+  moving average (if on) starts at them."""
   rng = jax.random.PRNGKey(config.seed)
   if params is None:
     params = init_params(model, rng, config.model.fov_size_zyx)
   params = dist.broadcast_tree(params)
+  ema = jax.tree_util.tree_map(np.array, params) if ema_decay(config) > 0 else None
   return TrainState(step=np.int32(0), params=params, opt_state=tx.init(params),
-                    rng=np.asarray(_key_data(rng)))
+                    rng=np.asarray(_key_data(rng)), ema_params=ema)
 
 
 def abstract_state(config, model, tx) -> TrainState:
@@ -87,7 +103,7 @@ def abstract_state(config, model, tx) -> TrainState:
     rng = jax.random.PRNGKey(config.seed)
     params = init_params(model, rng, config.model.fov_size_zyx)
     return TrainState(step=np.int32(0), params=params, opt_state=tx.init(params),
-                      rng=_key_data(rng))
+                      rng=_key_data(rng), ema_params=params if ema_decay(config) > 0 else None)
   return jax.eval_shape(init)
 
 
@@ -143,6 +159,11 @@ def meta_checker(config, dist, global_batch: int):
       if diff:
         raise ckpt_lib.CheckpointMismatch(
             f"{where} was trained with a different model: {'; '.join(diff)}; {fix}")
+    have_ema = float(meta.get("config", {}).get("optim", {}).get("ema_decay", 0.0) or 0.0)
+    if (have_ema > 0) != (ema_decay(config) > 0):
+      raise ckpt_lib.CheckpointMismatch(
+          f"{where} was trained with optim.ema_decay={have_ema}, this run has "
+          f"{ema_decay(config)} (a moving average is kept, or not, from the start); {fix}")
     optim_name = meta.get("config", {}).get("optim", {}).get("name")
     if optim_name is not None and optim_name != config.optim.name:
       raise ckpt_lib.CheckpointMismatch(

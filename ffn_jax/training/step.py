@@ -6,6 +6,7 @@ in between; ``train_step`` composes both for one device.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from ffn_jax import losses
@@ -23,13 +24,23 @@ def grads_and_stats(params, batch, *, model):
   return grads, stats, logits_BZYX1
 
 
-def apply_update(state: TrainState, grads, *, tx: optax.GradientTransformation) -> TrainState:
+def apply_update(state: TrainState, grads, *, tx: optax.GradientTransformation,
+                 ema_decay: float = 0.0) -> TrainState:
+  """The optimizer step; then, where ``state`` keeps one, the moving average of the parameters
+  with decay ``min(ema_decay, (1 + t) / (10 + t))`` at step t (TensorFlow's
+  ``ExponentialMovingAverage(num_updates=t)``: the early average follows the fast-moving
+  parameters instead of holding on to the initialization)."""
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                       opt_state=opt_state)
+  params = optax.apply_updates(state.params, updates)
+  ema = state.ema_params
+  if ema is not None:
+    t = state.step.astype(jnp.float32)
+    d = jnp.minimum(jnp.float32(ema_decay), (1.0 + t) / (10.0 + t))
+    ema = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
 
 
-def train_step(state: TrainState, batch, *, model, tx):
+def train_step(state: TrainState, batch, *, model, tx, ema_decay: float = 0.0):
   """One device: (state, batch) -> (state, stats, logits)."""
   grads, stats, logits_BZYX1 = grads_and_stats(state.params, batch, model=model)
-  return apply_update(state, grads, tx=tx), stats, logits_BZYX1
+  return apply_update(state, grads, tx=tx, ema_decay=ema_decay), stats, logits_BZYX1

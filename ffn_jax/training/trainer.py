@@ -133,7 +133,7 @@ class Trainer:
 
   def evaluate(self, at_step: int) -> None:
     self.watchdog.beat(f"while evaluating at step {at_step}")
-    params = jax.device_get(self.state.params)
+    params = jax.device_get(self.state.eval_params)
     scores = self.evaluator(params)
     record = {"eval": True, "step": at_step, "examples": at_step * self.global_batch, **scores}
     self.window.exclude(record["eval_s"])
