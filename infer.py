@@ -17,10 +17,11 @@ def main(argv):
     config, workdir = cli.parse(
         argv, os.path.join(cli.REPO_ROOT, "configs", "fib25_infer.py"), "infer.py")
     from ffn_jax.inference import runner, tiled  # after flags: keeps --help and errors fast
+    explicit = cli.overridden_keys(argv)
     if tiled.enabled(config):
-      tiled.run(config, workdir)
+      tiled.run(config, workdir, explicit=explicit)
     else:
-      runner.run(config, workdir)
+      runner.run(config, workdir, explicit=explicit)
   return 0
 
 

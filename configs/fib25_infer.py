@@ -67,6 +67,9 @@ def get_config() -> ml_collections.ConfigDict:
   # A training workdir holds its rolling checkpoints and, when it ran a segmentation eval, the
   # checkpoint with the best eval VI: "latest" or "best".
   c.checkpoint_kind = "latest"
+  # auto: the flood settings calibrated for this checkpoint on validation data
+  # (ffn_jax.calibration; WORKDIR/calibration.json), unless set here on the command line; off.
+  c.calibration = "auto"
   c.conv_impl = "auto"   # see ffn_jax.conv.available_routes()
   # float32 | bfloat16 | auto (see ffn_jax.conv.select); '' = the compute dtype the checkpoint
   # was trained with (float32 for checkpoints that record none, e.g. imported TF ones).

@@ -111,6 +111,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.best_metric = "vi"   # what "best" means: "vi" (lowest) or "erl" (highest)
   c.eval.skeleton_min_nodes = 5  # skeleton nodes a segment needs to count in merges and splits
   c.eval.rank = 0             # the rank that floods (all ranks hold the same parameters)
+  # At the end: calibrate move/segment thresholds and min segment size on the eval box (a
+  # validation box, never the test volume) for the final model, stored in
+  # WORKDIR/calibration.json for infer.py (ffn_jax.calibration; ~11 floods of the box).
+  c.eval.calibrate = False
   fib25_infer.add_flood_settings(c.eval)  # eval.inference.*, eval.seed_policy, eval.batch_size..
   c.eval.inference.min_segment_size = 100
   c.eval.batch_size = 4

@@ -318,5 +318,5 @@ def load_params(directory: str, step: int | None = None, kind: str = "latest",
     params = tree["params"] if "params" in tree else (
         (ema and tree["train"].get("ema_params")) or tree["train"]["params"])
     params = jax.tree_util.tree_map(np.asarray, params)
-    return params, dict(restored.meta or {})
+    return params, {**dict(restored.meta or {}), "checkpoint_step": int(s)}
   raise CheckpointError(f"no readable checkpoint in {directory} (tried steps {steps})")

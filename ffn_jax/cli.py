@@ -61,6 +61,12 @@ def parse(argv: list[str], default_config: str, prog: str):
   return config, fv.workdir
 
 
+def overridden_keys(argv: list[str]) -> tuple[str, ...]:
+  """The config keys the command line sets (``--config.a.b=v`` or ``--config.a.b v``): 'a.b'."""
+  return tuple(a[len("--config."):].split("=", 1)[0] for a in argv
+               if a.startswith("--config."))
+
+
 def _one_line(e: BaseException) -> str:
   text = " ".join(str(e).split())
   return text[:500] if text else type(e).__name__

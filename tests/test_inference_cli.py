@@ -230,3 +230,59 @@ def test_halo_seeds_are_the_tiles_share_of_one_keyed_pass(mode):
       got = job.seeds(bbox, block=(t.start, t.size), halo=halo)
       share = whole[np.all((whole >= t.start) & (whole < np.add(t.start, t.size)), axis=1)]
       assert np.array_equal(got, share) == equal, (halo, t.name)
+
+
+def test_calibrated_flood_settings_round_trip_through_the_checkpoint_into_infer(
+    assets, tmp_path, monkeypatch):
+  """python -m ffn_jax.calibrate floods a labelled box once per grid setting, stores the best
+  VI's settings with the checkpoint, and infer.py applies them by default; a key set on the
+  command line wins, and calibration=off keeps the config's settings."""
+  import shutil
+
+  from scipy import ndimage
+  ckpt = tmp_path / "ckpt"
+  shutil.copytree(assets["ckpt"], ckpt)  # the module's checkpoint stays uncalibrated
+  image = volumes.open_volume(assets["image"]).read()
+  labels = ndimage.label(image > 128)[0].astype(np.uint32)
+  volumes.write_zarr(str(tmp_path / "labels.zarr"), labels)
+  common = [f"--config.image={assets['image']}", f"--config.checkpoint={ckpt}",
+            "--config.bbox_start_zyx=(2,2,2)", "--config.bbox_size_zyx=(24,24,24)",
+            "--config.image_mean=-1", "--config.image_stddev=-1",
+            "--config.progress_interval_s=-1"]
+  env = {**os.environ, "PYTHONPATH": REPO}
+  cal = subprocess.run(
+      [sys.executable, "-m", "ffn_jax.calibrate", "--config", CONFIG, "--workdir",
+       str(tmp_path / "cal"), "--labels", str(tmp_path / "labels.zarr"), "--move-thresholds",
+       "0.8", "--segment-thresholds", "0.5,0.7", "--min-size-factors", "0.1", *common],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert cal.returncode == 0, cal.stderr
+  result = json.loads(cal.stdout.strip().splitlines()[-1])
+  table = json.loads((tmp_path / "cal" / "calibration.json").read_text())
+  assert result["tries"] == len(table["rows"]) == 3  # 2 threshold pairs, then 1 other size
+  assert result["vi"] == min(r["vi"] for r in table["rows"])
+  best = result["best"]
+  assert best["move_threshold"] == 0.8 and best["segment_threshold"] in (0.5, 0.7)
+  assert best["min_segment_size"] in (1000, 100)
+  stored = json.loads((ckpt / "calibration.json").read_text())
+  assert stored["latest:0"]["inference"] == best
+
+  infer = _Infer(monkeypatch)
+
+  def identity(name, *extra):
+    argv = ["infer.py", "--config", CONFIG, "--workdir", str(tmp_path / name), *common, *extra]
+    assert infer.main(argv) == 0
+    return json.loads((tmp_path / name / "job.json").read_text())["identity"]["inference"]
+
+  got = identity("auto")
+  assert {k: got[k] for k in best} == best
+  got = identity("explicit", "--config.inference.segment_threshold=0.6")
+  assert got["segment_threshold"] == 0.6 and got["move_threshold"] == best["move_threshold"]
+  got = identity("off", "--config.calibration=off")
+  assert (got["move_threshold"], got["segment_threshold"], got["min_segment_size"]) == (
+      0.9, 0.6, 1000)
+  bad = subprocess.run(
+      [sys.executable, "-m", "ffn_jax.calibrate", "--config", CONFIG, "--workdir",
+       str(tmp_path / "bad"), "--labels", str(tmp_path / "labels.zarr"), "--move-thresholds",
+       "1.5", *common], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 2 and "move_threshold" in bad.stderr, bad.stderr
+  assert len(bad.stderr.strip().splitlines()) == 1

@@ -290,3 +290,21 @@ def test_plot_overlays_runs_and_rejects_non_workdirs(trained, tmp_path):
                         cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2 and "no metrics.jsonl" in proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_end_of_training_calibration_is_stored_for_infer(tmp_path):
+  """eval.calibrate: after the last step the final (moving-average) model's flood settings are
+  searched on the eval box, recorded in metrics.jsonl and stored in WORKDIR/calibration.json
+  for the last checkpoint, where infer.py finds them."""
+  from ffn_jax import calibration
+  proc = run_train(tmp_path, "--config.max_steps=4", "--config.eval.every_steps=100",
+                   "--config.eval.calibrate=true", "--config.optim.ema_decay=0.9")
+  assert proc.returncode == 0, proc.stderr
+  records = read_metrics(tmp_path)
+  assert records[-1].get("final") and [r["step"] for r in records if r.get("eval")] == [4]
+  (cal,) = [r for r in records if r.get("calibration")]
+  assert cal["step"] == 4 and cal["tries"] == 2 * 4 + 3
+  best = {k: cal[k] for k in calibration.KEYS}
+  assert calibration.load(str(tmp_path), "latest", 4) == best
+  assert calibration.load(str(tmp_path), "latest", 3) is None
+  assert "calibrated on the eval box" in proc.stdout

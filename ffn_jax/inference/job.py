@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+from ffn_jax import calibration
 from ffn_jax import checkpoint as ckpt_lib
 from ffn_jax import log as log_lib
 from ffn_jax.data import volumes
@@ -47,7 +48,8 @@ class BlockResult:
 
 
 def load_checkpoint(config):
-  """(params, model geometry, image mean, image sd, trained dtype) of ``config.checkpoint``."""
+  """(params, model geometry, image mean, image sd, trained dtype, step) of
+  ``config.checkpoint``."""
   if not config.checkpoint:
     raise UserError("no model checkpoint: pass --config.checkpoint=DIR (an orbax checkpoint, e.g."
                     " from train.py or ffn_jax.import_tf_checkpoint)")
@@ -70,7 +72,26 @@ def load_checkpoint(config):
   sd = float(config.image_stddev) if config.image_stddev > 0 else meta.get("image_stddev")
   if mean is None or sd is None:
     raise UserError("set image_mean and image_stddev (the checkpoint does not record them)")
-  return params, model, float(mean), float(sd), str(meta.get("compute_dtype") or "float32")
+  return (params, model, float(mean), float(sd), str(meta.get("compute_dtype") or "float32"),
+          int(meta.get("checkpoint_step", 0)))
+
+
+def calibrated(config, step: int, explicit=()):
+  """``config`` with the flood settings calibrated for its checkpoint (``ffn_jax.calibration``)
+  where ``calibration=auto`` and there are some, except the keys in ``explicit``."""
+  mode = str(config.get("calibration", "off"))
+  if mode not in ("auto", "off"):
+    raise UserError(f"calibration must be 'auto' or 'off', got {mode!r}")
+  kind = str(config.get("checkpoint_kind", "latest"))
+  settings = calibration.load(config.checkpoint, kind, step) if mode == "auto" else None
+  if not settings:
+    return config
+  config, applied = calibration.apply(config, settings, explicit)
+  if applied:
+    _log("flood settings calibrated for this checkpoint (" + ", ".join(
+        f"{k} {v}" for k, v in applied.items()) + f"; {calibration.FILE}, "
+        "--config.calibration=off for the config's)")
+  return config
 
 
 def open_image(config):
@@ -114,16 +135,19 @@ class InferenceJob:
     self._opening = None  # (perf_counter at open, model load s): the first block's wall time
 
   @classmethod
-  def open(cls, config, predict_fn=None) -> "InferenceJob":
-    """Reads ``config.checkpoint`` and opens ``config.image`` (once per process)."""
+  def open(cls, config, predict_fn=None, explicit=()) -> "InferenceJob":
+    """Reads ``config.checkpoint`` and opens ``config.image`` (once per process); applies the
+    checkpoint's calibrated flood settings (``calibrated``) except ``explicit`` keys."""
     t0 = time.perf_counter()
     settings.flood_options(config)
-    params, model, mean, sd, trained_dtype = load_checkpoint(config)
+    params, model, mean, sd, trained_dtype, step = load_checkpoint(config)
+    config = calibrated(config, step, explicit)
     route = settings.compute_route(config, trained_dtype)
     load_s = time.perf_counter() - t0
     source, desc = open_image(config)
     job = cls(config, params, model, source, mean, sd, route, desc, predict_fn)
     job.opened["checkpoint_loads"] = 1
+    job.checkpoint_step = step
     job._opening = (t0, load_s)
     return job
 
@@ -146,6 +170,16 @@ class InferenceJob:
           str(c.precision), pad)
       self.opened["predictor_builds"] += 1
     return self._predictor
+
+  def set_flood(self, **inference) -> None:
+    """Other ``inference.*`` values for the next blocks (calibration searches)."""
+    c = self.config.copy_and_resolve_references()
+    c.unlock()
+    for k, v in inference.items():
+      c.inference[k] = type(c.inference[k])(v)
+    c.lock()
+    self.options = settings.flood_options(c)
+    self.config = c
 
   def set_params(self, params) -> None:
     """New parameters for the same model (the training eval): the compiled predictor stays."""

@@ -24,10 +24,11 @@ from ffn_jax.inference import outputs
 SEGMENTATION = outputs.SEGMENTATION
 
 
-def run(config, workdir: str, predict_fn=None) -> dict:
+def run(config, workdir: str, predict_fn=None, explicit=()) -> dict:
   """Segments the configured block; returns the counters (also written to counters.json).
 
   ``predict_fn``: a replacement for the jitted FFN (same call signature), for tests.
+  ``explicit``: the config keys the command line set (they win over calibrated settings).
   """
-  job = job_lib.InferenceJob.open(config, predict_fn=predict_fn)
+  job = job_lib.InferenceJob.open(config, predict_fn=predict_fn, explicit=explicit)
   return job.segment(job.bbox(), workdir).counters

@@ -144,7 +144,7 @@ def _tile_done(workdir: str, tile: tiling.Tile) -> bool:
   return resume.finished(os.path.join(workdir, "tiles", tile.name))
 
 
-def run(config, workdir: str) -> dict:
+def run(config, workdir: str, explicit=()) -> dict:
   """Segments ``config``'s bbox tile by tile over this job's ranks, then stitches (rank 0).
 
   Each rank opens the job once (checkpoint, image, predictor: ``job.InferenceJob``) and
@@ -164,7 +164,7 @@ def run(config, workdir: str) -> dict:
   fmt = str(config.output_format)
   if fmt not in volumes.OUTPUT_FORMATS:
     raise UserError(f"output_format must be one of {volumes.OUTPUT_FORMATS}, got {fmt!r}")
-  job = job_lib.InferenceJob.open(_tile_settings(config))
+  job = job_lib.InferenceJob.open(_tile_settings(config), explicit=explicit)
   bbox = job.bbox()
   tiles = tiling.plan(bbox[0], bbox[1], config.tile_size_zyx, config.tile_overlap_zyx)
   if mode == "continue":

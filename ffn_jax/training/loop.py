@@ -114,6 +114,8 @@ def _loop(trainer: Trainer, max_steps: int, save_delay_s: float = 0.0) -> dict:
                       f"{trainer.manager.directory}; rerun the same command to continue")
   if trainer.last_saved != trainer.step:
     trainer.save(trainer.step)
+  if trainer.evaluator is not None and trainer.config.eval.get("calibrate", False):
+    trainer.calibrate()
   return trainer.finish()
 
 

@@ -23,8 +23,8 @@ from typing import Callable
 
 import numpy as np
 
+from ffn_jax import calibration, evaluation, skeleton_metrics, skeletons
 from ffn_jax import conv as conv_lib
-from ffn_jax import evaluation, skeleton_metrics, skeletons
 from ffn_jax.data import synthetic, volumes
 from ffn_jax.errors import UserError
 from ffn_jax.inference import job as job_lib
@@ -97,6 +97,25 @@ class SegmentationEval:
         len(s.edges) for s in self.skeletons):
       raise UserError("eval.best_metric=erl needs skeletons, but no eval label has one (each "
                       f"has fewer than {skeletons.SkeletonParams.dust_voxels} voxels)")
+
+  def calibrate(self, params, log=None) -> tuple[dict, list[dict]]:
+    """(best flood settings, every try) for ``params`` on the eval box (``calibration.search``),
+    on every rank; the eval's own settings are restored afterwards."""
+    result = None
+    if self.dist.rank == self.root:
+      base = {k: self.cfg.inference[k] for k in calibration.KEYS}
+      self.job.set_params(params)
+
+      def flood(values):
+        self.job.set_flood(**values)
+        return self.job.segment(self.bbox, seeds_zyx=self.seeds,
+                                heartbeat=self.heartbeat).segmentation
+
+      try:
+        result = calibration.search(flood, self.labels, base, log=log)
+      finally:
+        self.job.set_flood(**base)
+    return self.dist.bcast(result, root=self.root, heartbeat=self.heartbeat)
 
   def __call__(self, params) -> dict:
     """The scores of ``params`` (and the seconds it took, ``eval_s``), on every rank."""

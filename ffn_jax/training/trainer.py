@@ -16,6 +16,7 @@ import time
 import jax
 import numpy as np
 
+from ffn_jax import calibration
 from ffn_jax import checkpoint as ckpt_lib
 from ffn_jax.training import periodic
 from ffn_jax.training.state import checkpoint_tree, model_meta, params_fingerprint
@@ -167,6 +168,23 @@ class Trainer:
     self.watchdog.beat(f"in step {self.step + 1} (the first of this run compiles)")
     for action in self.actions:
       action.start()
+
+  def calibrate(self) -> None:
+    """``eval.calibrate``: the final model's flood settings, tuned on the eval box, stored in
+    ``WORKDIR/calibration.json`` for this step's checkpoint (``ffn_jax.calibration``)."""
+    self.watchdog.beat(f"while calibrating the flood settings at step {self.step}")
+    t0 = time.perf_counter()
+    best, rows = self.evaluator.calibrate(jax.device_get(self.state.eval_params), self.log)
+    seconds = time.perf_counter() - t0
+    vi = min(r["vi"] for r in rows)
+    self.writer.write({"calibration": True, "step": self.step, **best, "vi": vi,
+                       "tries": len(rows), "calibration_s": seconds})
+    if self.dist.is_primary:
+      calibration.store(self.workdir, "latest", self.step, best,
+                        {"vi": vi, "box": "eval", "rows": rows})
+    self.log("calibrated on the eval box: " + ", ".join(f"{k} {v}" for k, v in best.items())
+             + f" (VI {vi:.3f}; {len(rows)} floods, {seconds:.0f} s)")
+    self.watchdog.beat("after calibrating")
 
   def finish(self) -> dict:
     """The final record (every rank's fingerprint, what evals and checkpoints cost)."""

@@ -6,8 +6,8 @@ TensorFlow needed), one scalar per numeric field.
 training record.
 
 Scalar tags: training records' fields as they are (``loss``, ``f1``, ``fovs_per_s``, ...), eval
-records' under ``eval/`` (``eval/vi``, ...), the final record's under ``final/``; all at the
-record's ``step``.
+records' under ``eval/`` (``eval/vi``, ...), the final record's under ``final/``, the
+calibration's (``eval.calibrate``) under ``calibration/``; all at the record's ``step``.
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ def drop_partial_line(path: str) -> None:
 
 def scalars(record: dict) -> dict[str, float]:
   """The TensorBoard tags and values of one record (numbers only; booleans and text skipped)."""
-  prefix = "eval/" if record.get("eval") else "final/" if record.get("final") else ""
+  prefix = ("eval/" if record.get("eval") else "final/" if record.get("final") else
+            "calibration/" if record.get("calibration") else "")
   return {prefix + k: float(v) for k, v in record.items()
           if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
           and math.isfinite(float(v))}
