@@ -115,6 +115,9 @@ def get_config() -> ml_collections.ConfigDict:
   # validation box, never the test volume) for the final model, stored in
   # WORKDIR/calibration.json for infer.py (ffn_jax.calibration; ~11 floods of the box).
   c.eval.calibrate = False
+  # Time to quality: the first eval with VI <= target_vi writes a "target" record (steps,
+  # examples and wall seconds of the run until then) to metrics.jsonl; 0 = no target.
+  c.eval.target_vi = 0.0
   fib25_infer.add_flood_settings(c.eval)  # eval.inference.*, eval.seed_policy, eval.batch_size..
   c.eval.inference.min_segment_size = 100
   c.eval.batch_size = 4

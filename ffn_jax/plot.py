@@ -6,7 +6,8 @@ Panels: training loss, training F1, segmentation eval VI (solid; split and merge
 dotted), eval expected run length (solid; dashed: the ERL a perfect segmentation reaches) and
 training throughput (FOV/s); the top row against steps, the bottom row against
 examples seen (steps x global batch), so runs with different batch sizes compare on either
-axis. Several work directories are overlaid, one colour each. Without ``--out`` the figure goes
+axis. A run with a VI target (``eval.target_vi``) shows it as a grey line in the VI panel and
+the eval that first reached it as a star. Several work directories are overlaid, one colour each. Without ``--out`` the figure goes
 to ``WORKDIR/curves.png`` of the first run. Bad input prints one ``error:`` line and exits 2.
 
 TensorBoard: training writes the same records as scalars to ``WORKDIR/tensorboard``
@@ -77,6 +78,7 @@ def draw(workdirs: list[str], labels: list[str] | None = None):
   if len(labels) != len(workdirs):
     raise UserError(f"{len(labels)} labels for {len(workdirs)} work directories")
   runs = [read_run(w) for w in workdirs]
+  targets = [read_target(w) for w in workdirs]
   fig, axes = plt.subplots(2, len(PANELS), figsize=(4.2 * len(PANELS), 6.4), squeeze=False)
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   for i, ((train, evals), label) in enumerate(zip(runs, labels)):
@@ -94,6 +96,11 @@ def draw(workdirs: list[str], labels: list[str] | None = None):
                 marker="o" if key in EVAL_PANELS else None, ms=3)
         for extra, ls in zip(EVAL_PANELS.get(key, ()), _EXTRA_STYLES):
           ax.plot(xs, _values(records, extra), color=color, ls=ls, lw=0.8)
+        target = targets[i]
+        if key == "vi" and target is not None:
+          ax.axhline(target["target_vi"], color="grey", lw=0.8, ls="-.")
+          if target.get("step") is not None:
+            ax.plot([x_of(target)], [target["vi"]], color=color, marker="*", ms=11)
   for col, (key, title) in enumerate(PANELS):
     for row, xname in enumerate(("steps", "examples seen")):
       ax = axes[row][col]
@@ -104,6 +111,19 @@ def draw(workdirs: list[str], labels: list[str] | None = None):
   axes[0][0].legend(fontsize=7)
   fig.tight_layout()
   return fig
+
+
+def read_target(workdir: str) -> dict | None:
+  """The run's time-to-target record (``eval.target_vi``): the first eval at or below the target
+  (``step``, ``examples``, ``wall_s``, ``vi``), or ``{"target_vi": T}`` from the final record
+  of a run that did not reach it, or None (no target)."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  reached = [r for r in records if r.get("target")]
+  if reached:
+    return reached[0]
+  finals = [r for r in records if r.get("final") and r.get("target_vi")]
+  return {"target_vi": finals[-1]["target_vi"]} if finals else None
 
 
 def _values(records: list[dict], key: str) -> list[float]:

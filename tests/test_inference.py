@@ -463,3 +463,48 @@ def test_an_object_entering_through_two_faces_is_joined_once_and_only_with_itsel
   assert both and joins
   assert all(obj(a) == obj(b) for a, b in joins)  # never two different objects
   assert {obj(a) for a, _ in joins} == both  # every object on both faces
+
+
+@pytest.mark.parametrize("objects,batch_size,seed_step", [(30, 4, 4), (60, 8, 3), (12, 1, 5)])
+def test_flood_progress_counts_fovs_and_estimates_those_left_within_2x(objects, batch_size,
+                                                                       seed_step):
+  """progress.FloodProgress: from a tenth of the FOVs on, until the last tenth, its estimate of
+  the FOVs still to come is within 2x of the truth, batched or not (seeds resolved in order
+  would say little: batched floods commit in seed order, and late seeds mostly cost nothing)."""
+  from ffn_jax.inference import progress
+  labels = voronoi_labels(shape=(40, 40, 40), n=objects, rng_seed=2)
+  image = (labels * 10).astype(np.float32)
+  c = canvas_lib.Canvas(image, exact_predict, batch_size, FOV, DELTAS,
+                        options_lib.InferenceOptions(min_segment_size=50))
+  c.set_seeds(seed.policy_grid(image.shape, step=seed_step, offsets=(1,)))
+  lines = []
+  meter = progress.FloodProgress(c, 0.0, lines.append)
+  estimates = []
+
+  def on_step(canvas):
+    meter.update()
+    estimates.append(meter.fovs_left())
+
+  c.segment_all(on_step)
+  total = c.counters["fov_calls"]
+  checked = [(left, total - done) for done, left in estimates
+             if done >= 0.1 * total and total - done >= 0.1 * total]
+  assert len(checked) > 10
+  for left, true in checked:
+    assert true / 2 <= left <= 2 * true, (left, true)
+  assert estimates[-1] == (total, 0.0)
+  assert "% done" in lines[-1] and "ETA" in lines[-1] and f"fov {total}" in lines[-1]
+
+
+def test_tiled_progress_counts_tiles_done_and_the_current_tile(monkeypatch):
+  from ffn_jax.inference import progress
+  clock = [100.0]
+  monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])
+  done = [2]
+  meter = progress.TiledProgress(lambda: done[0], 10, rank=1).start("z0_y0_x1")
+  assert np.isnan(meter.estimate(0.0)[1])
+  clock[0] += 60.0
+  done[0] = 3  # one tile finished (by any rank), this rank's current one half done: 1.5 tiles
+  assert meter.estimate(0.5) == (3, 60.0 / 1.5 * 6.5)
+  line = meter.line(0.5, "fov 10 (1.00/s)")
+  assert line.startswith("rank 1: tile z0_y0_x1: fov 10") and "tiles 3/10 done, job ETA 4m20s" in line

@@ -376,6 +376,18 @@ def plain_tiles(assets, tmp_path_factory):
   return workdir
 
 
+def test_a_tiled_run_opens_the_checkpoint_and_builds_the_predictor_once_per_rank(plain_tiles):
+  """Each rank opens the job once (checkpoint, image, predictor): every tile's counters and the
+  stitch summary say so, and only the first tile pays for loading the model."""
+  summary = json.loads((plain_tiles / "stitch.json").read_text())
+  assert summary["checkpoint_loads"] == [1] and summary["predictor_builds"] == [1]
+  tiles = [json.loads(p.read_text())
+           for p in sorted((plain_tiles / "tiles").glob("*/counters.json"))]
+  assert len(tiles) == summary["tiles"] == 8
+  assert all(t["checkpoint_loads"] == 1 and t["predictor_builds"] == 1 for t in tiles)
+  assert sum("time_model_load_s" in t for t in tiles) == 1
+
+
 @pytest.mark.slow
 def test_tiled_run_one_and_two_ranks_and_resume(assets, tmp_path, plain_tiles):
   one = _infer(assets, tmp_path / "one", *TILES)
@@ -413,8 +425,10 @@ def test_tiled_run_one_and_two_ranks_and_resume(assets, tmp_path, plain_tiles):
   seg_two = volumes.open_volume(str(tmp_path / "two" / "segmentation"))
   assert seg_two.offset_zyx() == (1, 2, 3)
   np.testing.assert_array_equal(seg_two.read(), seg_one.read())
-  counts = json.loads((tmp_path / "two" / "stitch.json").read_text())["tiles_segmented"]
+  two_summary = json.loads((tmp_path / "two" / "stitch.json").read_text())
+  counts = two_summary["tiles_segmented"]
   assert sum(counts) == n_tiles and len(counts) == 2 and min(counts) > 0
+  assert two_summary["checkpoint_loads"] == two_summary["predictor_builds"] == [1, 1]
 
   # Killed after the first tiles: the rerun finishes the rest, to the same output.
   killed = _infer(assets, tmp_path / "resumed", *TILES, "--config.debug.stop_after_fov_calls=0")

@@ -191,6 +191,7 @@ def test_compute_dtype_is_recorded_and_inference_follows_it(tmp_path):
   assert len(bad.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_moving_average_is_checkpointed_resumed_exactly_and_what_inference_loads(tmp_path):
   """optim.ema_decay: the average is saved and restored bit for bit (6 + 6 steps equal 12
   straight), leaves the raw training untouched (same fingerprint as without it), is what

@@ -308,3 +308,37 @@ def test_end_of_training_calibration_is_stored_for_infer(tmp_path):
   assert calibration.load(str(tmp_path), "latest", 4) == best
   assert calibration.load(str(tmp_path), "latest", 3) is None
   assert "calibrated on the eval box" in proc.stdout
+
+
+@pytest.mark.slow
+def test_time_to_target_is_recorded_once_and_carried_over_a_resume(tmp_path):
+  """eval.target_vi: the first eval at or below it writes a target record (step, examples, run
+  wall seconds), the final record repeats it, a resumed run neither loses nor repeats it, and
+  the plot marks it; an unreachable target leaves the final record's target fields None."""
+  from ffn_jax import plot
+  reach = ["--config.eval.every_steps=3", "--config.eval.target_vi=100"]
+  first = run_train(tmp_path / "w", *reach, "--config.max_steps=6")
+  assert first.returncode == 0, first.stderr
+  again = run_train(tmp_path / "w", *reach, "--config.max_steps=9")
+  assert again.returncode == 0, again.stderr
+  records = read_metrics(tmp_path / "w")
+  (target,) = [r for r in records if r.get("target")]
+  assert (target["step"], target["examples"], target["target_vi"]) == (3, 3 * 2, 100.0)
+  evals = [r for r in records if r.get("eval")]
+  assert target["wall_s"] == evals[0]["wall_s"] > 0
+  assert evals[-1]["wall_s"] > evals[1]["wall_s"]  # the run's wall time goes on over the resume
+  final = records[-1]
+  assert final["final"] and final["target_step"] == 3 and final["target_wall_s"] == target["wall_s"]
+  assert final["run_wall_s"] >= evals[-1]["wall_s"]
+  assert "target reached" in first.stdout and "target reached" not in again.stdout
+
+  miss = run_train(tmp_path / "m", "--config.eval.every_steps=3", "--config.eval.target_vi=0.001",
+                   "--config.max_steps=3")
+  assert miss.returncode == 0, miss.stderr
+  final = read_metrics(tmp_path / "m")[-1]
+  assert final["target_vi"] == 0.001 and final["target_step"] is None
+  fig = plot.draw([str(tmp_path / "w"), str(tmp_path / "m")])
+  vi_axes = fig.axes[2]
+  assert sorted({line.get_ydata()[0] for line in vi_axes.lines if line.get_linestyle() == "-."}
+                ) == [0.001, 100.0]
+  assert sum(line.get_marker() == "*" for line in vi_axes.lines) == 1

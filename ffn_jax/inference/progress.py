@@ -46,19 +46,25 @@ class FloodProgress:
   def wall_s(self) -> float:
     return self._wall0 + time.perf_counter() - self._t0
 
-  def estimate(self) -> tuple[float, float]:
-    """(fraction of this flood's FOVs done, seconds left); NaN seconds before any rate."""
+  def fovs_left(self) -> tuple[int, float]:
+    """(FOV calls of this flood so far, the estimate of those still to come)."""
     c = self.canvas
     fov = c.counters.get("fov_calls", 0) - self._fov0
     open_now = c.open_candidates()
     if self._open0 is None:
       self._open0 = open_now
-    closed = self._open0 - open_now
+    if open_now == 0:
+      return fov, 0.0
+    return fov, open_now * fov / max(self._open0 - open_now, 1)
+
+  def estimate(self) -> tuple[float, float]:
+    """(fraction of this flood's FOVs done, seconds left); NaN seconds before any rate."""
+    c = self.canvas
+    fov, left = self.fovs_left()
     if fov <= 0:
       return 0.0, float("nan")
-    if open_now == 0:
+    if left == 0:
       return 1.0, 0.0
-    left = open_now * fov / max(closed, 1)
     frac = fov / (fov + left)
     now = time.perf_counter()
     done_timed = c.counters.get("fov_calls", 0) - self._fov_first

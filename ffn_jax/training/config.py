@@ -76,6 +76,8 @@ def validate_config(config) -> None:
          e.batch_size)
     zyx("eval.box_start_zyx", e.box_start_zyx, 0)
     zyx("eval.box_size_zyx", e.box_size_zyx, 1, allow_empty=True)
+    target = e.get("target_vi", 0.0)
+    need(number(target) and target >= 0, "eval.target_vi", "a VI >= 0 (0 = no target)", target)
     need(e.get("best_metric", "vi") in BEST_METRICS, "eval.best_metric",
          f"one of {sorted(BEST_METRICS)}", e.get("best_metric", "vi"))
     min_nodes = e.get("skeleton_min_nodes", DEFAULT_MIN_NODES)

@@ -82,11 +82,12 @@ def _train(config, workdir: str, dist: parallel.Dist, watchdog: Watchdog, optimi
     init = (load_init_params(config, model)
             if config.get("init_checkpoint") and not manager.all_steps() else None)
     examples = build_examples(config, dist, workdir, log, per_device)  # 2. the data
-    state, resumed = _restore_or_init(config, dist, manager, model, tx, examples, init,  # 3.
-                                      global_batch, log)
+    state, meta = _restore_or_init(config, dist, manager, model, tx, examples, init,  # 3.
+                                   global_batch, log)
     trainer = Trainer(config, workdir, dist, parallel.put_on_first_device(state, dist),
                       distributed.DistributedStep(dist, model, tx, ema_decay(config)), examples,
-                      manager, writer, watchdog, log, schedule, evaluator, resumed, global_batch)
+                      manager, writer, watchdog, log, schedule, evaluator, meta is not None,
+                      global_batch, meta)
     return _loop(trainer, config.max_steps, config.debug.get("preempt_save_delay_s", 0.0))
   finally:
     if examples is not None:
@@ -133,8 +134,9 @@ def _check_writable(workdir: str, dist: parallel.Dist) -> None:
 
 
 def _restore_or_init(config, dist, manager, model, tx, examples, init, global_batch, log):
-  """(state, resumed): the run's latest readable checkpoint (examples restored too), else
-  ``init`` (fine-tuning) or a fresh init; rank 0's parameters on every rank."""
+  """(state, the restored checkpoint's meta or None): the run's latest readable checkpoint
+  (examples restored too), else ``init`` (fine-tuning) or a fresh init; rank 0's parameters on
+  every rank."""
   def abstract():  # built only if a checkpoint's meta matches this config
     return checkpoint_tree(abstract_state(config, model, tx), [examples.state()] * dist.size)
 
@@ -149,7 +151,7 @@ def _restore_or_init(config, dist, manager, model, tx, examples, init, global_ba
     state = init_state(config, model, tx, dist, init)
     if init is not None:
       log(f"fine-tuning from {config.init_checkpoint} (fresh optimizer, step 0)")
-    return state, False
+    return state, None
   tree = restored.state
   state = TrainState(**{k: tree["train"][k] for k in ("step", "params", "opt_state", "rng",
                                                        "ema_params") if k in tree["train"]}) \
@@ -159,7 +161,7 @@ def _restore_or_init(config, dist, manager, model, tx, examples, init, global_ba
     ckpt_lib.set_aside(manager, restored.unreadable_steps, log)
   dist.barrier()
   log(f"resumed from {manager.directory} at step {int(state.step)}")
-  return state, True
+  return state, dict(restored.meta or {})
 
 
 def main(config, workdir: str) -> int:

@@ -42,10 +42,12 @@ class Trainer:
     evaluator: ``seg_eval.SegmentationEval`` or None.
     resumed: whether ``state`` came from this run's own checkpoint (its step is saved).
     global_batch: examples per step over all ranks.
+    restored_meta: that checkpoint's meta (the run's wall time and target record so far).
   """
 
   def __init__(self, config, workdir: str, dist, state, step_fn, examples, manager, writer,
-               watchdog, log, schedule, evaluator, resumed: bool, global_batch: int):
+               watchdog, log, schedule, evaluator, resumed: bool, global_batch: int,
+               restored_meta: dict | None = None):
     self.config, self.workdir, self.dist, self.state = config, workdir, dist, state
     self.step_fn, self.examples = step_fn, examples
     self.manager, self.writer, self.watchdog, self.log = manager, writer, watchdog, log
@@ -56,6 +58,10 @@ class Trainer:
     self.resumed = resumed
     self.window = MetricWindow(global_batch, dist.size, dist.local_devices)
     self.t_start, self.step_start = time.perf_counter(), self.step
+    meta = restored_meta or {}
+    self.wall0 = float(meta.get("wall_s", 0.0))  # of the launches before this one
+    self.target_vi = float(config.eval.get("target_vi", 0.0)) if evaluator is not None else 0.0
+    self.target = meta.get("target")  # the first eval record at or below target_vi
     self.best = None
     if evaluator is not None and config.eval.keep_best and dist.is_primary:
       self.best = ckpt_lib.BestParams(ckpt_lib.best_dir(workdir),
@@ -138,6 +144,7 @@ class Trainer:
     scores = self.evaluator(params)
     record = {"eval": True, "step": at_step, "examples": at_step * self.global_batch, **scores}
     self.window.exclude(record["eval_s"])
+    record["wall_s"] = round(self.wall_s(), 3)
     if self.best is not None:
       record["best"] = self.best.offer(at_step, params, record, self.run_meta())
     self.writer.write(record)
@@ -148,6 +155,13 @@ class Trainer:
              f"segments, {100 * record['fraction_labelled']:.0f}% labelled, "
              f"{record['fov_calls']} FOVs, {record['eval_s']:.1f} s"
              + (" (best so far)" if record.get("best") else ""))
+    if self.target_vi > 0 and self.target is None and record["vi"] <= self.target_vi:
+      self.target = {"target": True, "target_vi": self.target_vi, "step": at_step,
+                     "examples": record["examples"], "wall_s": record["wall_s"],
+                     "vi": record["vi"]}
+      self.writer.write(self.target)
+      self.log(f"target reached: eval VI {record['vi']:.3f} <= {self.target_vi} at step "
+               f"{at_step} ({record['examples']} examples, {record['wall_s'] / 60:.1f} min)")
     self.watchdog.beat(f"after evaluating at step {at_step}")
 
   def check_sync(self, at_step: int) -> None:
@@ -194,7 +208,11 @@ class Trainer:
     final = {"final": True, "step": self.step, "params_fingerprint": fingerprint,
              "rank_fingerprints": fingerprints, "ranks": self.dist.size,
              "local_devices": self.dist.local_devices, "global_batch": self.global_batch,
-             "wall_s": round(wall_s, 3)}
+             "wall_s": round(wall_s, 3), "run_wall_s": round(self.wall_s(), 3)}
+    if self.target_vi > 0:
+      reached = self.target or {}
+      final.update({f"target_{k}": reached.get(k) for k in ("step", "examples", "wall_s")},
+                   target_vi=self.target_vi)
     for action in self.actions:
       if action.name in ("eval", "checkpoint"):
         final[f"time_{action.name}_s"] = round(action.spent_s, 3)
@@ -206,11 +224,16 @@ class Trainer:
       raise TrainingDiverged(f"ranks ended with different parameters: {fingerprints}")
     return final
 
+  def wall_s(self) -> float:
+    """The run's wall seconds since its step 0, over every launch (resumes included)."""
+    return self.wall0 + time.perf_counter() - self.t_start
+
   def run_meta(self) -> dict:
-    """What a checkpoint records besides the arrays: model geometry, normalization, the run."""
+    """What a checkpoint records besides the arrays: model geometry, normalization, the run
+    (its wall time so far and the target record, carried over resumes)."""
     return {**model_meta(self.config), "ranks": self.dist.size,
-            "global_batch": self.global_batch,
-            "config": json.loads(self.config.to_json_best_effort())}
+            "global_batch": self.global_batch, "wall_s": round(self.wall_s(), 3),
+            "target": self.target, "config": json.loads(self.config.to_json_best_effort())}
 
   def rank_fingerprints(self) -> list[str]:
     """Every rank's ``params_fingerprint``, in rank order, on every rank."""
