@@ -5,7 +5,7 @@ Usage:
       [--bbox-start-zyx 93,93,93 --bbox-size-zyx 64,64,64] \
       [--pred-unlabelled {as-segment,ignore,singletons}] [--truth-zero {ignore,as-segment}] \
       [--voxel-size-zyx 10,10,10] [--skeleton-min-nodes 5] [--skeleton-dust-voxels 1000] \
-      [--no-skeletons]
+      [--no-skeletons] [--image image.zarr --preview compare.png] [--summary]
 
 Besides VI and adapted Rand error it reports skeleton scores (``ffn_jax.skeleton_metrics``):
 the truth box is skeletonized with kimimaro (cached on disk, ``ffn_jax.skeletons``), and
@@ -15,6 +15,8 @@ skeletons came from the cache and ``skeleton_s`` how long they and their scores 
 
 A segmentation written by ``infer.py`` records where it sits in the volume (``offset_zyx`` in its
 ``.zattrs``): the truth is cropped to match, and ``--bbox-*`` (truth coordinates) may narrow it.
+``--preview PNG`` (with ``--image``, the volume both were drawn on) writes z slices of image,
+truth and segmentation side by side; ``--summary`` prints one readable line before the JSON.
 Volume specs are anything ``ffn_jax.data.volumes.open_volume`` accepts: a zarr/n5 folder,
 ``file.h5:dataset`` or a tensorstore JSON spec. Bad input prints one ``error: ...`` line, exit 2.
 """
@@ -102,6 +104,11 @@ def _parser() -> argparse.ArgumentParser:
                  help="truth objects with fewer voxels get no skeleton (default %(default)s)")
   p.add_argument("--no-skeletons", dest="skeletons", action="store_false",
                  help="skip the skeleton scores (ERL, merges, splits)")
+  p.add_argument("--image", default="", help="the image volume spec (for --preview)")
+  p.add_argument("--preview", default="",
+                 help="write a PNG of z slices: image, truth and segmentation side by side")
+  p.add_argument("--summary", action="store_true",
+                 help="print one readable line before the JSON object")
   return p
 
 
@@ -152,6 +159,8 @@ def run(argv: list[str] | None = None) -> dict:
   """Parses arguments, reads both volumes' box and returns the metrics with the options used."""
   from ffn_jax.data import volumes  # local: tensorstore is a slow import
   args = _parser().parse_args(argv)
+  if args.preview and not args.image:
+    raise UserError("--preview needs --image (the volume the segmentation was made from)")
   seg = volumes.open_volume(args.segmentation)
   truth = volumes.open_volume(args.truth)
   for flag, vol in (("--segmentation", seg), ("--truth", truth)):
@@ -177,11 +186,36 @@ def run(argv: list[str] | None = None) -> dict:
       "segmentation": args.segmentation, "truth": args.truth,
       "bbox_start_zyx": start.tolist(), "bbox_size_zyx": size.tolist(),
   })
+  if args.preview:
+    from ffn_jax.inference import preview
+    image = volumes.open_volume(args.image)
+    if tuple(image.shape) != tuple(truth.shape):
+      raise UserError(f"--image {image.name} has shape {tuple(image.shape)}, --truth "
+                      f"{tuple(truth.shape)} (zyx): the image the truth labels")
+    preview.write_comparison(args.preview, image.read(start, size), truth_box, seg_box,
+                             title=f"VI {result['vi']:.3f} (split {result['vi_split']:.3f}, "
+                                   f"merge {result['vi_merge']:.3f})")
+    result["preview"] = args.preview
   return result
 
 
+def summary(result: dict) -> str:
+  """One readable line of ``run``'s result."""
+  text = (f"VI {result['vi']:.3f} (split {result['vi_split']:.3f}, merge "
+          f"{result['vi_merge']:.3f}), adapted Rand error {result['are']:.3f}, "
+          f"{100 * result['fraction_labelled']:.0f}% labelled")
+  if result.get("erl") is not None:
+    text += f", ERL {result['erl']:.1f} of {result['erl_max']:.1f}"
+  if result.get("preview"):
+    text += f"; image | truth | segmentation: {result['preview']}"
+  return text
+
+
 def main(argv: list[str] | None = None) -> None:
-  print(json.dumps(run(argv)))
+  result = run(argv)
+  if "--summary" in (sys.argv[1:] if argv is None else argv):
+    print(summary(result))
+  print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -44,6 +44,10 @@ RUN_BY = {
     ("ffn_jax.evaluate", ""): [
         "test_inference_fib25.py::test_readme_infer_then_evaluate_c64_matches_tensorflow",
         "test_evaluation.py::test_official_google_segmentation_on_c64"],
+    ("ffn_jax.calibrate", ""): [
+        "test_inference_cli.py::"
+        "test_calibrated_flood_settings_round_trip_through_the_checkpoint_into_infer"],
+    ("ffn_jax.data.synthetic", ""): ["test_demo.py::test_make_demo_trains_the_synthetic_config"],
     ("ffn_jax.import_tf_checkpoint", ""): [
         "test_inference_fib25.py::test_readme_infer_then_evaluate_c64_matches_tensorflow"],
     ("bench/baseline_watershed.py", ""): ["test_bench.py::test_watershed_baseline_cli_on_gala"],
