@@ -57,6 +57,8 @@ RUN_BY = {
     ("bench/train_throughput.py", "configs/synthetic.py"): [
         "test_bench.py::test_train_throughput_on_the_documented_configs"],
     ("bench/scaling.py", ""): ["test_bench.py::test_scaling_quick_two_ranks_end_to_end"],
+    ("bench/time_to_quality.py", ""): [
+        "test_bench.py::test_time_to_quality_reads_runs_and_projects_hours_by_node_count"],
     ("bench/scaling_model.py", ""): ["test_bench.py::test_scaling_model_measures_and_projects"],
     # These two run on configs/tiny.py (the synthetic config shrunk): a study of 4 or 2
     # training runs on fib25 or synthetic does not fit the suite's time.
