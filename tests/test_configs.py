@@ -26,6 +26,7 @@ TRAIN = {
     "tiny": (),
     "synthetic": ("--config.data.synthetic_shape_zyx=(32,48,48)",
                   "--config.data.synthetic_objects=8"),
+    "demo": ("--config.data.synthetic_shape_zyx=(32,48,48)",),
     "gala": ("--config.data.box_size_zyx=(30,60,60)", "--config.eval.box_size_zyx=(20,30,30)"),
     "gala_finetune": ("--config.data.box_size_zyx=(50,60,60)",
                       "--config.eval.box_size_zyx=(36,40,40)", "--config.eval.at_start=False"),

@@ -30,7 +30,6 @@ def test_make_demo_trains_the_synthetic_config(tmp_path):
   records = read_metrics(workdir / "model")
   assert records[-1]["final"] and records[-1]["step"] == 20
   assert records[0]["global_batch"] == 4  # configs/demo.py is configs/synthetic.py's model
-  assert [r["step"] for r in records if r.get("eval")] == [20]  # scored on its validation volume
   counters = json.loads((workdir / "segment" / "counters.json").read_text())
   assert counters["complete"] and counters["bbox_size_zyx"] == [48, 80, 80]
   lines = proc.stdout.strip().splitlines()
