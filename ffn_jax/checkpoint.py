@@ -284,7 +284,8 @@ def load_params(directory: str, step: int | None = None, kind: str = "latest",
       (``optim.ema_decay``), the average (what evaluation and inference use) rather than the
       raw parameters.
   Returns:
-    (params as a nested dict of numpy arrays, meta dict).
+    (params as a nested dict of numpy arrays, meta dict with ``checkpoint_step`` added: the
+    step read).
   """
   directory = os.path.abspath(directory)
   if not os.path.isdir(directory):

@@ -170,6 +170,7 @@ def test_cli_round_trip(tmp_path, imported):
   assert "638,433 parameters" in proc.stdout
   params, meta = checkpoint_lib.load_params(str(out))
   want_params, want_meta = imported
+  assert meta.pop("checkpoint_step") == 27465036  # load_params says which step it read
   assert meta == want_meta
   assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(want_params)
   for got, want in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(want_params)):
