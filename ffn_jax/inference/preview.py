@@ -48,11 +48,7 @@ def write_comparison(path: str, image_ZYX: np.ndarray, truth_ZYX: np.ndarray,
         ax.imshow(rgb, interpolation="nearest")
       ax.set_title(f"{name}, z = {z}", fontsize=9)
       ax.axis("off")
-  if title:
-    fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
+  _save(fig, path, title, dpi=80)
 
 
 def write_preview(path: str, image_ZYX: np.ndarray, seg_ZYX: np.ndarray, n_slices: int = 3,
@@ -75,8 +71,13 @@ def write_preview(path: str, image_ZYX: np.ndarray, seg_ZYX: np.ndarray, n_slice
     ax.imshow(rgb, interpolation="nearest")
     ax.set_title(f"z = {z}  ({len(np.unique(ids[on]))} segments)", fontsize=9)
     ax.axis("off")
+  _save(fig, path, title, dpi=100)
+
+
+def _save(fig, path: str, title: str, dpi: int) -> None:
+  import matplotlib.pyplot as plt
   if title:
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  fig.savefig(path, dpi=dpi)
   plt.close(fig)
