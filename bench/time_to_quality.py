@@ -14,7 +14,8 @@ the ``python -m ffn_jax.evaluate`` output of its test segmentation.
 
 Projection to N nodes, as in ``bench/scaling_model.py``: a synchronous step of global batch B on
 N nodes is ``(B / N) / F + allreduce(N)``, F the single-node training FOV/s this run measured
-(per-example time taken as independent of the batch), the allreduce a ring over
+(per-example time taken as independent of the batch; ``--fovs-per-s`` sets one F for every run,
+e.g. from a quiet ``bench/train_throughput.py``, when the runs shared the machine), the allreduce a ring over
 ``--bandwidth-gbps`` / ``--latency-us`` of the model's float32 parameters; hours to target =
 steps to target x that. Only N <= B (a node needs at least one example per step); the critical
 batch (where doubling the batch stops halving the steps) is what limits N.
@@ -41,6 +42,9 @@ def parse_args(argv=None):
   p.add_argument("--test", action="append", default=[], metavar="NAME=JSON",
                  help="a run's test score: python -m ffn_jax.evaluate output (repeatable)")
   p.add_argument("--nodes", default="1,16,128,1024")
+  p.add_argument("--fovs-per-s", type=float, default=0.0,
+                 help="one node's training FOV/s for every run's projection (default: each "
+                      "run's own median; runs measured beside other jobs are slower)")
   p.add_argument("--bandwidth-gbps", type=float, default=100.0)
   p.add_argument("--latency-us", type=float, default=2.0)
   p.add_argument("--out", default=os.path.join(_common.REPO, "runs", "time_to_quality"))
@@ -81,7 +85,7 @@ def summarize(workdir: str, name: str, target: float, test_json: str | None) -> 
   optim = config.get("optim", {})
   batch = windows[-1]["global_batch"]
   fps = statistics.median(w["fovs_per_s"] for w in windows)
-  row = {"name": name, "workdir": workdir, "global_batch": batch,
+  row = {"name": name, "workdir": workdir, "global_batch": batch, "run_fovs_per_s": fps,
          "optimizer": optim.get("name"), "rule": optim.get("lr_scaling"),
          "base_lr": optim.get("learning_rate"), "warmup_steps": optim.get("warmup_steps"),
          "schedule": optim.get("schedule"), "ema_decay": optim.get("ema_decay", 0.0),
@@ -173,6 +177,8 @@ def main(argv=None) -> int:
     row = summarize(workdir, name, args.target_vi, args.tests.get(name))
     model = run_config(workdir).get("model", {})
     params = _common.param_count(int(model.get("depth", 1)), int(model.get("features", 1)))
+    if args.fovs_per_s > 0:
+      row["fovs_per_s"] = args.fovs_per_s
     row["seconds_on"] = project(row, args.nodes, params, args.bandwidth_gbps, args.latency_us)
     rows.append(row)
   os.makedirs(args.out, exist_ok=True)
