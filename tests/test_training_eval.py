@@ -69,7 +69,7 @@ def _erl_max_of_the_eval_labels():
   from configs import tiny
   from ffn_jax import skeleton_metrics, skeletons
   from ffn_jax.training.seg_eval import load_eval_volumes
-  _, labels = load_eval_volumes(tiny.get_config())
+  _, labels, _, _ = load_eval_volumes(tiny.get_config())
   skels, _ = skeletons.load_or_skeletonize(labels, skeletons.SkeletonParams())
   m = skeleton_metrics.evaluate_skeletons(labels, skels)
   assert m["erl"] == m["erl_max"] > 0 and (m["merges"], m["splits"]) == (0, 0)
@@ -156,7 +156,8 @@ def test_eval_under_two_ranks_is_the_same_whichever_rank_floods(tmp_path):
                      f"--config.eval.rank={root}", ranks=2)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     runs[root] = read_metrics(work)
-  strip = lambda r: {k: v for k, v in r.items() if k not in ("eval_s", "best")}  # noqa: E731
+  strip = lambda r: {k: v for k, v in r.items()  # noqa: E731
+                     if k not in ("eval_s", "best", "wall_s")}
   evals = {root: [strip(r) for r in recs if r.get("eval")] for root, recs in runs.items()}
   assert [r["step"] for r in evals[0]] == [10, 20]
   assert evals[0] == evals[1]

@@ -7,8 +7,8 @@ workdir)`` then segments one block. Every caller goes through it:
 
 - ``infer.py`` on one box (``runner.run``);
 - each tile of a tiled run (``tiled.run``: one job per rank, ``segment`` per tile);
-- the training loop's segmentation eval (``training/seg_eval.py``: a job over the eval box with
-  the current parameters, ``set_params`` before each eval, no workdir).
+- the training loop's segmentation eval, ``training/seg_eval.py``: a job over the eval box with
+  the current parameters, ``set_params`` before each evaluation, no workdir.
 
 With a ``workdir`` the block is a resumable job with outputs (``resume``, ``outputs``): its
 identity is checked, its state saved every ``checkpoint_interval_s`` and its progress logged
