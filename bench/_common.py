@@ -114,7 +114,7 @@ def step_records(records: list[dict]) -> list[dict]:
   ``window_steps`` added."""
   out, prev = [], 0
   for r in records:
-    if r.get("final") or "loss" not in r:  # eval, calibration and target records
+    if any(r.get(k) for k in ("final", "eval", "calibration", "target")):
       continue
     out.append({**r, "window_steps": r["step"] - prev, "window_start": prev})
     prev = r["step"]
