@@ -521,6 +521,38 @@ def test_gpu_check_runs_every_step_in_dry_mode():
   assert out["inference"]["dry"]["fov_calls"] > 0 and 0 <= out["inference"]["dry"]["vi"] < 10
 
 
+def test_eta_accuracy_records_an_infer_run_and_scores_each_estimator(tmp_path):
+  """`bench/eta_accuracy.py --trace T -- INFER_ARGS`: infer.py runs as usual (its segmentation
+  written), the trace holds what the progress line reads plus an end record, and the score
+  compares each estimator's ETA with the time left; an existing trace is never overwritten."""
+  from conftest import write_infer_assets
+  image, ckpt = write_infer_assets(tmp_path, 28)
+  trace = tmp_path / "trace.jsonl"
+  infer_args = ["--", "--config", "configs/fib25_infer.py", "--workdir", tmp_path / "w",
+                f"--config.checkpoint={ckpt}", f"--config.image={image}",
+                "--config.bbox_start_zyx=(2,2,2)", "--config.bbox_size_zyx=(24,24,24)",
+                "--config.image_mean=-1", "--config.image_stddev=-1",
+                "--config.inference.min_segment_size=100", "--config.progress_interval_s=-1"]
+  _, out = _run("bench/eta_accuracy.py", "--trace", trace, "--every-s", "0", "--from", "0",
+                *infer_args, timeout=600)
+  assert (tmp_path / "w" / "segmentation.zarr").exists()
+  rows = [json.loads(line) for line in open(trace)]
+  assert rows[-1]["end"] and rows[-1]["fov"] == out["fov_calls"] > 0
+  assert {"fov", "open", "covered", "size", "t"} <= set(rows[0])
+  for name in ("candidates", "coverage", "product"):
+    score = out[name]
+    assert score["lines"] > 0 and 0 <= score["within_2x"] <= 1
+    assert score["ratio_min"] <= score["ratio_max"]
+  assert out["product"]["ratio_min"] >= min(out["candidates"]["ratio_min"],
+                                            out["coverage"]["ratio_min"])
+  _, again = _run("bench/eta_accuracy.py", "--trace", trace, "--from", "0")  # score only
+  assert again["product"] == out["product"]
+  proc = subprocess.run([sys.executable, "bench/eta_accuracy.py", "--trace", str(trace),
+                         *map(str, infer_args)], cwd=REPO, env=cli_env(), capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode != 0 and "exists" in proc.stderr and len(rows) == len(open(trace).readlines())
+
+
 def test_border_study_scores_shells_by_distance_to_the_block_faces(tmp_path):
   """A segmentation right except for one merge in its outer shell: the error shows in the
   0-2 shell only, and the whole-volume reference is scored on the same box and shells."""

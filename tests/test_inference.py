@@ -496,6 +496,72 @@ def test_flood_progress_counts_fovs_and_estimates_those_left_within_2x(objects, 
   assert "% done" in lines[-1] and "ETA" in lines[-1] and f"fov {total}" in lines[-1]
 
 
+def test_covered_voxels_are_the_committed_ones_and_those_in_flight_maps_reach():
+  """Canvas.covered_voxels reads each in-flight map only in its written box: the same count as
+  the union over whole maps, at every step, and the labelled voxels at the end."""
+  labels = voronoi_labels(shape=(30, 30, 30), n=12, rng_seed=4)
+  c = canvas_lib.Canvas((labels * 10).astype(np.float32), exact_predict, 4, FOV, DELTAS,
+                        options_lib.InferenceOptions(min_segment_size=50))
+  c.set_seeds(seed.policy_grid(labels.shape, step=5, offsets=(1,)))
+  seen = []
+
+  def on_step(canvas):
+    whole = canvas.segmentation != 0
+    for job in canvas.jobs:
+      if job.seed is not None:
+        whole |= job.seed >= canvas.th.segment
+    seen.append((canvas.covered_voxels(), int(whole.sum()), int(np.count_nonzero(
+        canvas.segmentation))))
+
+  c.segment_all(on_step)
+  assert all(fast == whole for fast, whole, _ in seen)
+  assert any(fast > committed for fast, _, committed in seen)  # maps in flight count
+  assert c.covered_voxels() == np.count_nonzero(c.segmentation) > 0
+
+
+class _ScriptedCanvas:
+  """What progress.FloodProgress reads of a canvas, set by hand."""
+
+  def __init__(self, size):
+    self.counters = {"fov_calls": 0}
+    self.segmentation = np.zeros(size, np.int32)
+    self.open, self.covered = 100, 0
+
+  def open_candidates(self):
+    return self.open
+
+  def covered_voxels(self):
+    return self.covered
+
+  def progress(self):
+    return 0, 100
+
+
+def test_flood_progress_takes_the_longer_of_the_candidate_and_coverage_estimates():
+  """The two estimates of the FOVs left (docs/inference.md): open candidates x FOVs per closed
+  candidate, and voxels left to cover (to EXPECTED_COVERAGE of the canvas) x FOVs per voxel
+  covered. A large object flooding closes no candidate but covers voxels: the coverage estimate
+  holds the ETA up; a canvas covered early with candidates left: the candidate estimate does."""
+  from ffn_jax.inference import progress
+  c = _ScriptedCanvas(1000)
+  meter = progress.FloodProgress(c, -1, None)
+  meter.update()  # the first batch: 100 candidates open
+  c.counters["fov_calls"], c.open, c.covered = 100, 80, 200  # 20 closed, 200 voxels covered
+  # candidates: 80 x 100 / 20 = 400; coverage: (850 - 200) x 100 / 200 = 325
+  assert meter.fovs_left() == (100, 400.0)
+  c.counters["fov_calls"], c.open, c.covered = 200, 10, 250  # many cheap candidates closed
+  # candidates: 10 x 200 / 90 = 22.2; coverage: (850 - 250) x 200 / 250 = 480
+  assert meter.fovs_left() == (200, 480.0)
+  c.counters["fov_calls"], c.covered = 400, 500  # a large object floods: no candidate closes
+  # candidates: 10 x 400 / 90 = 44.4; coverage: (850 - 500) x 400 / 500 = 280
+  assert meter.fovs_left() == (400, 280.0)
+  c.counters["fov_calls"], c.open, c.covered = 700, 5, 950  # beyond EXPECTED_COVERAGE
+  assert meter.fovs_left() == (700, pytest.approx(5 * 700 / 95))
+  c.open = 0
+  assert meter.fovs_left() == (700, 0.0)
+  assert progress.EXPECTED_COVERAGE == 0.85
+
+
 def test_tiled_progress_counts_tiles_done_and_the_current_tile(monkeypatch):
   from ffn_jax.inference import progress
   clock = [100.0]

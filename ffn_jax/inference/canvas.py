@@ -142,6 +142,17 @@ class Canvas:
         open_ &= ~(job.seed[idx] >= self.th.segment)
     return int(open_.sum()) + len(self.jobs) + len(self.continuations) - self.cont_idx
 
+  def covered_voxels(self) -> int:
+    """Voxels that a segment holds or a segment in flight has reached (>= ``segment_threshold``):
+    the volume the flood has covered so far (``progress.FloodProgress``). Costs one pass over
+    the canvas plus each in-flight map's written box."""
+    covered = self.segmentation != 0
+    for job in self.jobs:
+      if job.seed is not None:
+        box = job.written_box()
+        covered[box] |= job.seed[box] >= self.th.segment
+    return int(np.count_nonzero(covered))
+
   def count(self, name: str, n=1) -> None:
     """Adds ``n`` to counter ``name`` (saved with the state, written to counters.json)."""
     self.counters[name] = self.counters.get(name, 0) + n

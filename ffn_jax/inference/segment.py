@@ -54,12 +54,17 @@ class Segment:
       self.seed = self._pool.take()
       self._write_start()
 
-  def _clear(self) -> None:
-    """Back to all NaN: every write was an FOV box around a position in [min_pos, max_pos]
-    (``Canvas._apply``) or the start voxels' FOV boxes, which that range holds."""
+  def written_box(self) -> tuple:
+    """The box of the object map this segment has written: every write was an FOV box around
+    a position in [min_pos, max_pos] (``Canvas._apply``) or the start voxels' FOV boxes, which
+    that range holds."""
     lo = np.maximum(self.min_pos - self._margin, 0)
     hi = self.max_pos + self._margin + 1
-    self.seed[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))] = np.nan
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+  def _clear(self) -> None:
+    """Back to all NaN (only the written box can differ)."""
+    self.seed[self.written_box()] = np.nan
 
   def release(self) -> None:
     """Gives the object map back to the pool (the segment is finished or dropped)."""
