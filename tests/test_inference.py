@@ -547,19 +547,19 @@ def test_flood_progress_takes_the_longer_of_the_candidate_and_coverage_estimates
   meter = progress.FloodProgress(c, -1, None)
   meter.update()  # the first batch: 100 candidates open
   c.counters["fov_calls"], c.open, c.covered = 100, 80, 200  # 20 closed, 200 voxels covered
-  # candidates: 80 x 100 / 20 = 400; coverage: (850 - 200) x 100 / 200 = 325
+  # candidates: 80 x 100 / 20 = 400; coverage: (800 - 200) x 100 / 200 = 300
   assert meter.fovs_left() == (100, 400.0)
   c.counters["fov_calls"], c.open, c.covered = 200, 10, 250  # many cheap candidates closed
-  # candidates: 10 x 200 / 90 = 22.2; coverage: (850 - 250) x 200 / 250 = 480
-  assert meter.fovs_left() == (200, 480.0)
+  # candidates: 10 x 200 / 90 = 22.2; coverage: (800 - 250) x 200 / 250 = 440
+  assert meter.fovs_left() == (200, 440.0)
   c.counters["fov_calls"], c.covered = 400, 500  # a large object floods: no candidate closes
-  # candidates: 10 x 400 / 90 = 44.4; coverage: (850 - 500) x 400 / 500 = 280
-  assert meter.fovs_left() == (400, 280.0)
+  # candidates: 10 x 400 / 90 = 44.4; coverage: (800 - 500) x 400 / 500 = 240
+  assert meter.fovs_left() == (400, 240.0)
   c.counters["fov_calls"], c.open, c.covered = 700, 5, 950  # beyond EXPECTED_COVERAGE
   assert meter.fovs_left() == (700, pytest.approx(5 * 700 / 95))
   c.open = 0
   assert meter.fovs_left() == (700, 0.0)
-  assert progress.EXPECTED_COVERAGE == 0.85
+  assert progress.EXPECTED_COVERAGE == 0.8
 
 
 def test_tiled_progress_counts_tiles_done_and_the_current_tile(monkeypatch):

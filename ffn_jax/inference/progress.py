@@ -13,11 +13,11 @@ advance with the work, and each alone misleads at some stage of a flood:
   in flight. FOVs still to come = voxels left to cover x FOVs per voxel covered so far, with
   ``EXPECTED_COVERAGE`` of the canvas as the end point (a dense segmentation labels 75-90 % of
   a canvas; the rest is membrane and unlabelled debris). Too short at the start, when the
-  first FOVs of many segments cover much at once, and too long at the very end of a block
-  labelled below that share.
+  first FOVs of many segments cover much at once, and too long at the end of a block that
+  ends below that share.
 
 The estimate is the larger of the two (each errs short where the other holds), and the ETA is
-that at the measured FOV rate (docs/inference.md: within 2x on 97-98 % of the lines after the
+that at the measured FOV rate (docs/inference.md: within 2x on 98 % of the lines after the
 first 10 % of two FIB-25 boxes).
 
 ``TiledProgress`` does the same over tiles: tiles done, plus the current tile's fraction.
@@ -29,7 +29,7 @@ import time
 from ffn_jax.log import fmt_duration
 
 # The share of a canvas a flood is expected to cover by its end (the voxel estimate's end point).
-EXPECTED_COVERAGE = 0.85
+EXPECTED_COVERAGE = 0.8
 
 
 class FloodProgress:
