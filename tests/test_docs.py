@@ -73,6 +73,8 @@ RUN_BY = {
         "test_bench.py::test_border_study_scores_shells_by_distance_to_the_block_faces"],
     ("bench/eta_accuracy.py", ""): [
         "test_bench.py::test_eta_accuracy_records_an_infer_run_and_scores_each_estimator"],
+    ("bench/eta_accuracy.py", "configs/fib25_infer.py"): [
+        "test_bench.py::test_eta_accuracy_records_an_infer_run_and_scores_each_estimator"],
     ("bench/seed_halo.py", ""): [
         "test_bench.py::test_seed_halo_counts_the_tiles_whose_seeds_equal_one_keyed_pass"],
     # On a GPU it runs at full size; the test runs every step at tiny sizes (--dry) on the CPU.
