@@ -128,10 +128,19 @@ def _fmt(v, spec):
   return "–" if v is None else format(v, spec)
 
 
+def _duration(seconds) -> str:
+  """Projected time to target: hours from 1 h, else minutes from 1 min, else seconds."""
+  if seconds is None:
+    return "–"
+  if seconds >= 3600:
+    return f"{seconds / 3600:.2f} h"
+  return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
 def table(rows: list[dict], target: float, nodes: list[int]) -> str:
   head = ("| run | batch | optimizer | rule | peak LR | warmup | EMA | steps | examples to VI ≤ "
           f"{target:g} | steps to it | training min to it | last / best val VI | test VI | "
-          + " | ".join(f"h on {n}" for n in nodes) + " |")
+          + " | ".join(f"on {n}" for n in nodes) + " |")
   lines = [head, "|" + "---|" * (13 + len(nodes))]
   for r in rows:
     lines.append(
@@ -140,8 +149,7 @@ def table(rows: list[dict], target: float, nodes: list[int]) -> str:
         f"{_fmt(r['examples_to_target'], ',')} | {_fmt(r['steps_to_target'], ',')} | "
         f"{_fmt(None if r['train_s_to_target'] is None else r['train_s_to_target'] / 60, '.1f')}"
         f" | {r['val_vi_last']:.3f} / {r['val_vi_best']:.3f} | {_fmt(r['test_vi'], '.3f')} | "
-        + " | ".join(_fmt(None if r["seconds_on"][str(n)] is None
-                          else r["seconds_on"][str(n)] / 3600, ".2f") for n in nodes) + " |")
+        + " | ".join(_duration(r["seconds_on"][str(n)]) for n in nodes) + " |")
   return "\n".join(lines)
 
 

@@ -606,6 +606,7 @@ def test_time_to_quality_reads_runs_and_projects_hours_by_node_count(tmp_path):
   below the target, the training time until then, a test score read from evaluate's JSON, and
   hours on N nodes only where the global batch covers N."""
   from conftest import run_train
+  time_to_quality = load_bench("time_to_quality")
   for name, batch in (("b2", 2), ("b4", 4)):
     proc = run_train(tmp_path / name, "--config.max_steps=6", "--config.eval.every_steps=3",
                      f"--config.batch_size={batch}", "--config.log_every=3")
@@ -624,5 +625,8 @@ def test_time_to_quality_reads_runs_and_projects_hours_by_node_count(tmp_path):
         n for n in ("1", "2", "4", "8") if int(n) <= batch]
   assert rows["b2"]["test_vi"] == 1.25 and rows["b4"]["test_vi"] is None
   assert rows["b4"]["seconds_on"]["1"] > rows["b4"]["seconds_on"]["4"] > 0
-  assert "| b2 | 2 |" in (tmp_path / "ttq" / "table.md").read_text()
+  table = (tmp_path / "ttq" / "table.md").read_text()
+  assert "| b2 | 2 |" in table and "| on 1 | on 2 | on 4 | on 8 |" in table
+  assert time_to_quality._duration(7200) == "2.00 h" and time_to_quality._duration(90) == "1.5 min"
+  assert time_to_quality._duration(9.6) == "10 s" and time_to_quality._duration(None) == "–"
   assert out["target_vi"] == 100 and (tmp_path / "ttq" / "time_to_quality.png").exists()
