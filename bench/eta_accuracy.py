@@ -39,6 +39,7 @@ def record(trace_path: str, infer_args: list[str], every_s: float) -> None:
   def segment_all(self, on_step=None):
     t0 = time.perf_counter()
     last = [-every_s]
+    covered0 = self.covered_voxels()  # a prior's or a resumed run's voxels (FloodProgress._cov0)
 
     def step(canvas):
       now = time.perf_counter() - t0
@@ -47,7 +48,7 @@ def record(trace_path: str, infer_args: list[str], every_s: float) -> None:
         out.write(json.dumps({
             "t": now, "fov": canvas.counters.get("fov_calls", 0),
             "open": canvas.open_candidates(), "covered": canvas.covered_voxels(),
-            "size": int(canvas.segmentation.size)}) + "\n")
+            "covered0": covered0, "size": int(canvas.segmentation.size)}) + "\n")
         out.flush()
       if on_step is not None:
         on_step(canvas)
@@ -82,7 +83,7 @@ def score(trace_path: str, start_fraction: float) -> dict:
   estimators = {
       "candidates": lambda r: r["open"] * r["fov"] / max(open0 - r["open"], 1),
       "coverage": lambda r: (max(EXPECTED_COVERAGE * r["size"] - r["covered"], 0)
-                             * r["fov"] / max(r["covered"], 1)),
+                             * r["fov"] / max(r["covered"] - r.get("covered0", 0), 1)),
   }
   estimators["product"] = lambda r: max(estimators["candidates"](r), estimators["coverage"](r))
   out = {"trace": trace_path, "fov_calls": total, "flood_s": round(end["t"], 1),

@@ -538,7 +538,7 @@ def test_eta_accuracy_records_an_infer_run_and_scores_each_estimator(tmp_path):
   assert (tmp_path / "w" / "segmentation.zarr").exists()
   rows = [json.loads(line) for line in open(trace)]
   assert rows[-1]["end"] and rows[-1]["fov"] == out["fov_calls"] > 0
-  assert {"fov", "open", "covered", "size", "t"} <= set(rows[0])
+  assert {"fov", "open", "covered", "covered0", "size", "t"} <= set(rows[0])
   for name in ("candidates", "coverage", "product"):
     score = out[name]
     assert score["lines"] > 0 and 0 <= score["within_2x"] <= 1
