@@ -50,4 +50,7 @@ def get_config():
   c.eval.every_s = 1200.0
   c.eval.at_start = True  # step 0: Google's model as it is, through the same eval
   c.eval.batch_size = 4
+  # Its eval box is the test volume: flood settings must never be tuned there (gala.py's
+  # end-of-run calibration uses its own validation slab).
+  c.eval.calibrate = False
   return c

@@ -54,6 +54,21 @@ def test_every_config_is_covered():
   assert shipped == set(TRAIN) | set(INFER) | NOT_RUNNABLE
 
 
+
+@pytest.mark.parametrize("name", sorted(TRAIN))
+def test_no_config_calibrates_on_test_data(name):
+  """End-of-run calibration tunes flood settings on the eval box: never a test volume (gala_test,
+  FIB-25 z >= 125; ../shared/data/README.md)."""
+  import importlib
+  c = importlib.import_module(f"configs.{name}").get_config()
+  if not c.eval.calibrate:
+    return
+  image = c.eval.image or c.data.image
+  assert "gala_test" not in image, name
+  if "fib25" in image:
+    start, size = tuple(c.eval.box_start_zyx), tuple(c.eval.box_size_zyx)
+    assert size and start[0] + size[0] <= 125, (name, start, size)
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   """name -> workdir of that training config's short run (each run once, on first use)."""
