@@ -25,6 +25,11 @@ def get_config():
   c.data.lom_radius_zyx = small.data.lom_radius_zyx
   c.batch_size = small.batch_size
   c.optim = small.optim
+  # As measured on FIB-25 (docs/benchmarks.md section 5): peak 3e-4 without warmup. gala.py's
+  # 6e-4 with warmup is not measured here yet.
+  c.optim.learning_rate = 3e-4
+  c.optim.warmup_steps = 0
+  c.optim.decay_steps = 16000
   c.max_steps = small.max_steps
   c.log_every = small.log_every
   c.checkpoint_every = small.checkpoint_every

@@ -34,6 +34,7 @@ def get_config():
   c.optim.learning_rate = 1e-3  # Google's FFN default, element-wise clipping at 0.7
   c.optim.reference_batch = 4
   c.optim.schedule = "constant"
+  c.optim.warmup_steps = 0  # as measured; gala.py's from-scratch recipe warms up
   c.log_every = 20
   c.checkpoint_every = 250
   c.optim.ema_decay = 0.0  # as measured (docs/quality.md); gala.py's recipe keeps one
