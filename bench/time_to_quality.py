@@ -168,8 +168,13 @@ def plot(rows: list[dict], target: float, out: str) -> str:
   ax_s.scatter([r["global_batch"] for r in reached], [r["steps_to_target"] for r in reached])
   for r in reached:
     ax_s.annotate(r["name"], (r["global_batch"], r["steps_to_target"]), fontsize=7)
-  ax_s.set(xscale="log", yscale="log", xlabel="global batch",
-           ylabel=f"steps to VI <= {target:g}", title="steps to target (flat = critical batch)")
+  ax_s.set(xlabel="global batch", ylabel=f"steps to VI <= {target:g}",
+           title="steps to target (flat = critical batch)")
+  if reached:  # log axes need a point; with none the panel stays empty, and says why
+    ax_s.set(xscale="log", yscale="log")
+  else:
+    ax_s.text(0.5, 0.5, f"no run reached VI <= {target:g}", ha="center", va="center",
+              transform=ax_s.transAxes)
   for ax in (ax_e, ax_s):
     ax.grid(alpha=0.3)
   fig.tight_layout()

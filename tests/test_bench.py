@@ -630,3 +630,12 @@ def test_time_to_quality_reads_runs_and_projects_hours_by_node_count(tmp_path):
   assert time_to_quality._duration(7200) == "2.00 h" and time_to_quality._duration(90) == "1.5 min"
   assert time_to_quality._duration(9.6) == "10 s" and time_to_quality._duration(None) == "–"
   assert out["target_vi"] == 100 and (tmp_path / "ttq" / "time_to_quality.png").exists()
+  # A target no run reaches (the usual case for a tight target and large batches) still gives
+  # the table and the plot, with every "to target" column empty.
+  proc, out = _run("bench/time_to_quality.py", "--target-vi", "1e-9", tmp_path / "b2",
+                   tmp_path / "b4", "--out", tmp_path / "none", timeout=120)
+  runs = json.loads((tmp_path / "none" / "results.json").read_text())["runs"]
+  assert [r["steps_to_target"] for r in runs] == [None, None]
+  assert all(s is None for r in runs for s in r["seconds_on"].values())
+  assert (tmp_path / "none" / "time_to_quality.png").exists()
+  assert "| b2 | 2 |" in (tmp_path / "none" / "table.md").read_text()
