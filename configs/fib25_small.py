@@ -8,6 +8,7 @@ the slab; every 4,000 steps the eval floods the validation box ``VALIDATION_BOX`
 the slab, 100 x 50 x 125) with Google's inference settings and records when its VI first reaches
 ``eval.target_vi``. The test box (``configs/fib25.EVAL_BOX``, z >= 125) is scored once, at the
 end, with ``infer.py --config configs/fib25_infer.py``: VI 2.574 alone, 2.209 with ``reflect``
+(a second seed: 2.626 / 2.274)
 (at 3e-4 for 128k examples: 2.823 / 2.715; Google's model: 2.361 / 1.347)
 (docs/benchmarks.md section 5).
 """
@@ -40,5 +41,7 @@ def get_config():
   c.eval.border_padding = "reflect"
   c.eval.target_vi = 2.0
   c.eval.batch_size = 8
-  c.eval.keep_best = False  # report the final model, as the study does
+  # Report the final model, as the study does: seed 1's best validation checkpoint (160k
+  # examples) scored worse on the test box than its final model (2.659 against 2.626).
+  c.eval.keep_best = False
   return c
